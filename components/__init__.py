@@ -1,0 +1,8 @@
+"""Composable PyTorch components for discovering new classes under long-tailed data.
+
+Importing the package registers every component with gin; each one also works when called
+directly from Python with no gin file parsed.
+"""
+
+from components import cache, external, kmeans, losses, metrics, pool, scores  # noqa: F401
+from components import data, models  # noqa: F401

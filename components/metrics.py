@@ -1,0 +1,135 @@
+"""Metrics with the exact definitions of DESIGN.md.
+
+* clustering accuracy: one Hungarian assignment over all evaluated samples, then accuracy on
+  the old subset, the new subset and all; a class-balanced variant; NMI and ARI beside it;
+* many / medium / few-shot: classes with > 100, 20..100, < 20 training images, each group the
+  mean of its per-class accuracies;
+* novelty: new-class samples are positives; AUROC, FPR at 95 % TPR, AUPR;
+* pool precision (share of new among pooled) and recall (share of the stream's new pooled).
+
+The Ignite metrics at the bottom accumulate predictions batch by batch (detached) and compute
+these at the end of an evaluation run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced
+from scipy.optimize import linear_sum_assignment
+from sklearn import metrics as skm
+
+
+def hungarian_mapping(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
+    """Map each predicted id to a true class maximizing the number of matches."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    size = int(max(y_true.max(), y_pred.max())) + 1
+    counts = np.zeros((size, size), dtype=np.int64)
+    np.add.at(counts, (y_pred, y_true), 1)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return dict(zip(rows.tolist(), cols.tolist()))
+
+
+def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    return np.array([
+        (y_pred[y_true == c] == c).mean() if (y_true == c).any() else np.nan for c in classes
+    ])
+
+
+def clustering_accuracy(y_true, y_pred, old_mask) -> dict[str, float]:
+    """Accuracy after one Hungarian assignment over all samples, on all / old / new samples,
+    with class-balanced variants (mean of per-class accuracies), NMI and ARI."""
+    y_true, y_pred, old_mask = np.asarray(y_true), np.asarray(y_pred), np.asarray(old_mask, bool)
+    mapping = hungarian_mapping(y_true, y_pred)
+    mapped = np.array([mapping.get(p, -1) for p in y_pred])
+    hit = mapped == y_true
+    out = {"all": float(hit.mean())}
+    for group, mask in (("old", old_mask), ("new", ~old_mask)):
+        out[group] = float(hit[mask].mean()) if mask.any() else float("nan")
+        classes = np.unique(y_true[mask])
+        acc = per_class_accuracy(y_true[mask], mapped[mask], classes)
+        out[f"{group}_balanced"] = float(np.nanmean(acc)) if len(acc) else float("nan")
+    out["all_balanced"] = float(np.nanmean(per_class_accuracy(y_true, mapped, np.unique(y_true))))
+    out["nmi"] = float(skm.normalized_mutual_info_score(y_true, y_pred))
+    out["ari"] = float(skm.adjusted_rand_score(y_true, y_pred))
+    return out
+
+
+def shot_accuracy(y_true, y_pred, train_counts: Sequence[int]) -> dict[str, float]:
+    """Many (> 100), medium (20..100) and few (< 20) shot accuracy of the classes
+    ``0..len(train_counts)-1``; a group with no class is NaN."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    counts = np.asarray(train_counts)
+    acc = per_class_accuracy(y_true, y_pred, range(len(counts)))
+    groups = {"many": counts > 100, "medium": (counts >= 20) & (counts <= 100), "few": counts < 20}
+    return {g: float(np.nanmean(acc[m])) if m.any() else float("nan") for g, m in groups.items()}
+
+
+def novelty_metrics(scores, is_new) -> dict[str, float]:
+    """AUROC, FPR at 95 % TPR and AUPR, with new-class samples as positives."""
+    scores, is_new = np.asarray(scores, np.float64), np.asarray(is_new, bool)
+    if is_new.all() or not is_new.any():
+        nan = float("nan")
+        return {"auroc": nan, "fpr95": nan, "aupr": nan}
+    fpr, tpr, _ = skm.roc_curve(is_new, scores)
+    return {
+        "auroc": float(skm.roc_auc_score(is_new, scores)),
+        "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+        "aupr": float(skm.average_precision_score(is_new, scores)),
+    }
+
+
+def pool_quality(pooled: np.ndarray, is_new: np.ndarray) -> dict[str, float]:
+    """Precision: share of new among pooled. Recall: share of the stream's new that was pooled.
+    ``pooled`` and ``is_new`` are boolean masks over the stream."""
+    pooled, is_new = np.asarray(pooled, bool), np.asarray(is_new, bool)
+    precision = float(is_new[pooled].mean()) if pooled.any() else float("nan")
+    recall = float(pooled[is_new].mean()) if is_new.any() else float("nan")
+    return {"precision": precision, "recall": recall, "size": int(pooled.sum())}
+
+
+class _Accumulating(Metric):
+    """Collects (predictions, targets) over an epoch; ``output_transform`` gives the pair."""
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._pred: list[torch.Tensor] = []
+        self._true: list[torch.Tensor] = []
+
+    @reinit__is_reduced
+    def update(self, output) -> None:
+        pred, true = output
+        self._pred.append(pred.detach().cpu())
+        self._true.append(true.detach().cpu())
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return torch.cat(self._pred).numpy(), torch.cat(self._true).numpy()
+
+
+class ClusteringAccuracy(_Accumulating):
+    """Ignite metric: :func:`clustering_accuracy` of argmax predictions; classes
+    ``< n_old`` are old. Output: a dict."""
+
+    def __init__(self, n_old: int, output_transform=lambda x: x, device="cpu") -> None:
+        self.n_old = n_old
+        super().__init__(output_transform, device=device)
+
+    def compute(self) -> dict[str, float]:
+        logits, y = self._arrays()
+        return clustering_accuracy(y, logits.argmax(1), y < self.n_old)
+
+
+class ShotAccuracy(_Accumulating):
+    """Ignite metric: many / medium / few-shot accuracy over the old classes (identity mapping)."""
+
+    def __init__(self, train_counts: Sequence[int], output_transform=lambda x: x, device="cpu"):
+        self.train_counts = list(train_counts)
+        super().__init__(output_transform, device=device)
+
+    def compute(self) -> dict[str, float]:
+        logits, y = self._arrays()
+        old = y < len(self.train_counts)
+        return shot_accuracy(y[old], logits[old].argmax(1), self.train_counts)

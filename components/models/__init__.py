@@ -1,0 +1,7 @@
+"""Models: feature extractors, projector, growing classifier and the network that holds them."""
+
+from components.models.extractors import SmallConvNet, TorchvisionBackbone
+from components.models.heads import GrowingLinear, MLPProjector
+from components.models.network import Network
+
+__all__ = ["GrowingLinear", "MLPProjector", "Network", "SmallConvNet", "TorchvisionBackbone"]

@@ -1,0 +1,87 @@
+"""Command line: ``python -m components.run --gin FILE [--gin FILE ...] [--gin-bindings B ...]``.
+
+Parses the gin files and bindings, then calls the configured graph (``run.graph``). A gin
+error (unknown configurable, misspelt parameter, bad value, missing file) prints one message
+naming the file and binding and exits with status 2 without writing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import gin
+
+import components  # noqa: F401  (registers the components)
+import graphs  # noqa: F401  (registers the graphs)
+from graphs.handlers import RunDir, console
+from graphs.report import show_metrics
+
+CONFIG_ERROR = 2
+
+
+class ConfigError(Exception):
+    """The gin files or bindings are wrong; nothing was run or written."""
+
+
+@gin.configurable(denylist=["run_dir"])
+def run(run_dir: RunDir, graph: Callable[..., dict] = gin.REQUIRED) -> dict:
+    """Call the experiment's graph with the run directory."""
+    return graph(run_dir=run_dir)
+
+
+def parse_config(files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parse gin files and bindings, turning every gin complaint into a ConfigError."""
+    gin.clear_config()
+    for file in files:
+        if not Path(file).is_file():
+            raise ConfigError(f"gin file {file!r} not found (looked in {Path(file).resolve()})")
+    try:
+        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    except (ValueError, TypeError, KeyError, SyntaxError, OSError, NameError) as error:
+        where = f"binding {bindings!r}" if bindings else f"file(s) {', '.join(files)}"
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.run",
+        description="Run an experiment described by gin files (see gin/ and README.md).",
+    )
+    parser.add_argument("--gin", action="append", required=True, metavar="FILE",
+                        help="gin file to parse; repeat to compose several")
+    parser.add_argument("--gin-bindings", action="append", default=[], metavar="BINDING",
+                        help="extra binding, e.g. 'SamplePool.trigger_size = 200'; repeatable")
+    parser.add_argument("--run-dir", default=None,
+                        help="where metrics, checkpoints and the operative config go "
+                             "(default runs/<gin name>-<time>)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        parse_config(args.gin, args.gin_bindings)
+    except ConfigError as error:
+        console.print(f"[bold red]config error[/]: {error}")
+        return CONFIG_ERROR
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = RunDir(args.run_dir or Path("runs") / f"{Path(args.gin[-1]).stem}-{stamp}")
+    try:
+        metrics = run(run_dir)
+    except Exception as error:
+        if run_dir.created:
+            raise  # the run had started: a real failure, show the traceback
+        # Raised before anything was written: a bad value or a missing input.
+        console.print(f"[bold red]error[/]: {error}")
+        return CONFIG_ERROR
+    show_metrics(metrics)
+    console.print(f"run directory: [bold]{run_dir.path}[/]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

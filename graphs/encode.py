@@ -1,0 +1,49 @@
+"""The encode graph: run a model over a dataset once and cache features, logits and labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ignite.engine import Engine
+from torch import nn
+
+from components.cache import FeatureCache, data_fingerprint, fingerprint, model_fingerprint
+from components.data import ImageSet, image_loader
+from graphs.handlers import progress
+
+
+def encode(
+    model: nn.Module,
+    images: ImageSet,
+    augment: nn.Module,
+    cache: FeatureCache,
+    device: torch.device,
+    batch_size: int = 512,
+) -> dict[str, np.ndarray]:
+    """``features``, ``projected``, ``logits``, ``targets`` and ``ids`` (row in ``images``) of
+    every image, from the cache when this model, data and preprocessing were encoded before."""
+    key = fingerprint(
+        model=model_fingerprint(model),
+        data=data_fingerprint(images.images, images.targets, images.name),
+        preprocess=repr(augment.eval()),
+    )
+
+    def run() -> dict[str, np.ndarray]:
+        model.to(device).eval()
+        augment.eval()
+        parts: dict[str, list[torch.Tensor]] = {}
+
+        @torch.no_grad()
+        def step(engine: Engine, batch) -> None:
+            x, y, ids = batch
+            out = model.encode(augment(x.to(device)))
+            out.update(targets=y, ids=ids)
+            for name, value in out.items():
+                parts.setdefault(name, []).append(value.detach().cpu())
+
+        engine = Engine(step)
+        with progress(engine, f"encode {images.name}", show=None):
+            engine.run(image_loader(images, batch_size, shuffle=False))
+        return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
+
+    return cache.get(key, run, dataset=images.name)

@@ -1,0 +1,141 @@
+"""The whole loop: train → encode → online → discover → distill → evaluate.
+
+Every piece arrives as an argument (bound in gin); this module only says how they flow.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import gin
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine
+from ignite.handlers import Checkpoint, DiskSaver
+from ignite.utils import manual_seed
+from torch import nn
+
+from components.cache import FeatureCache
+from components.data import ImageSet, ProtocolData
+from components.metrics import clustering_accuracy, novelty_metrics, pool_quality
+from components.pool import SamplePool
+from graphs.encode import encode
+from graphs.evaluate import evaluate
+from graphs.handlers import RunDir, console
+from graphs.online import online
+from graphs.train import adapt, distill, train
+
+
+def _checkpoint(run_dir: RunDir, model: nn.Module, engine: Engine, name: str) -> None:
+    saver = DiskSaver(run_dir.file("checkpoints"), require_empty=False)
+    Checkpoint({"model": model}, saver, filename_prefix=name)(engine)
+
+
+def _select(images: ImageSet, ids: np.ndarray, targets: np.ndarray, name: str) -> ImageSet:
+    index = torch.as_tensor(ids, dtype=torch.long)
+    return ImageSet(images.images[index], torch.as_tensor(targets), images.classes, name)
+
+
+@gin.configurable(denylist=["run_dir"])
+def lifecycle(
+    run_dir: RunDir,
+    data: Callable[[], ProtocolData] = gin.REQUIRED,
+    model: Callable[..., nn.Module] = gin.REQUIRED,
+    augment: nn.Module = gin.REQUIRED,
+    score: Callable[[torch.Tensor], torch.Tensor] = gin.REQUIRED,
+    pool: SamplePool = gin.REQUIRED,
+    labeler: Callable = gin.REQUIRED,
+    cache: FeatureCache = gin.REQUIRED,
+    representation: Callable[..., object] | None = adapt,
+    cluster_on: str = "features",
+    seed: int = 0,
+) -> dict:
+    """Run the loop once on ``data()`` and return (and write) its metrics."""
+    if cluster_on not in ("features", "projected"):
+        raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
+    started = time.perf_counter()
+    manual_seed(seed)
+    device = idist.device()
+    protocol = data()
+    console.log(
+        f"[bold]{protocol.name}[/]: {protocol.n_old} old classes ({len(protocol.labeled)} labeled "
+        f"images), {protocol.n_new} new; stream {len(protocol.stream)}, test {len(protocol.test)}; "
+        f"device {device}"
+    )
+    if len(protocol.stream) == 0:
+        raise ValueError(f"{protocol.name} has no stream: give the protocol new classes")
+
+    # 1. train the first model on the long-tailed labeled classes
+    teacher = model(num_classes=protocol.n_old)
+    trainer = train(teacher, protocol.labeled, augment, device,
+                    on_first_step=run_dir.save_operative_config)
+    _checkpoint(run_dir, teacher, trainer, "teacher")
+
+    # 2. online: score the stream, pool low-confidence samples
+    cached = {s: encode(teacher, getattr(protocol, s), augment, cache, device)
+              for s in ("labeled", "stream", "test")}
+    threshold = pool.threshold
+    if threshold is None:
+        threshold = pool.calibrate(score(torch.from_numpy(cached["labeled"]["logits"])))
+    position, scores = online(cached["stream"], score, pool)
+    stream_targets = cached["stream"]["targets"]
+    seen_new = stream_targets[:position] >= protocol.n_old
+    pooled = np.isin(np.arange(position), pool.ids)
+    console.log(f"pool: {len(pool)} of {position} stream samples (threshold {threshold:.4f})")
+
+    # 3. discover: learn a representation on the labeled images and everything the stream has
+    #    shown so far (optional), then semi-supervised k-means on the pool, anchored by the
+    #    labeled set
+    ids = pool.ids
+    pool_images = protocol.stream.subset(ids, f"{protocol.name}/pool")
+    seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
+    learner = copy.deepcopy(teacher)
+    if representation is not None:
+        representation(learner, protocol.labeled, seen, augment, device)
+        cached_pool = encode(learner, pool_images, augment, cache, device)
+        cached_labeled = encode(learner, protocol.labeled, augment, cache, device)
+    else:
+        cached_pool = {k: v[ids] for k, v in cached["stream"].items()}
+        cached_labeled = cached["labeled"]
+    result = labeler(cached_pool[cluster_on], cached_labeled[cluster_on],
+                     cached_labeled["targets"], protocol.n_old)
+    k_new = len(result.centroids) - protocol.n_old
+    pool_truth = stream_targets[ids]
+    pool_clusters = clustering_accuracy(pool_truth, result.labels, pool_truth < protocol.n_old)
+
+    # 4. distill into a student whose classifier grew by the discovered classes
+    student = learner
+    features = cached_pool["features"]
+    rows = np.stack([features[result.labels == protocol.n_old + j].mean(0) for j in range(k_new)])
+    student.classifier.grow(k_new, torch.from_numpy(rows).to(device))
+    taught = ImageSet(
+        torch.cat([protocol.labeled.images, protocol.stream.images[torch.as_tensor(ids)]]),
+        torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels)]),
+        protocol.class_names, f"{protocol.name}/labeled+pseudo",
+    )
+    distiller = distill(student, teacher, taught, augment, device)
+    pool.remove(ids)
+    _checkpoint(run_dir, student, distiller, "student")
+
+    # 5. evaluate both models on held-out test images
+    after = evaluate(encode(student, protocol.test, augment, cache, device),
+                     protocol.n_old, protocol.train_counts)
+    before = evaluate(cached["test"], protocol.n_old, protocol.train_counts)
+    metrics = {
+        "protocol": protocol.name,
+        "seed": seed,
+        "test": after["accuracy"],
+        "shots": after["shots"],
+        "teacher_old_accuracy": before["accuracy"]["old"],
+        "novelty": novelty_metrics(scores, seen_new),
+        "pool": pool_quality(pooled, seen_new) | {"threshold": threshold},
+        "pool_clustering": pool_clusters,
+        "k_new": k_new,
+        "seconds": time.perf_counter() - started,
+    }
+    run_dir.save_operative_config()
+    run_dir.write_json("metrics.json", metrics)
+    return metrics

@@ -1,0 +1,53 @@
+"""The online graph: score the stream in arrival order, fill the pool, stop when it fires."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from ignite.engine import Engine, EventEnum, Events
+
+from components.pool import SamplePool
+from graphs.handlers import progress
+
+
+class PoolEvents(EventEnum):
+    POOL_READY = "pool_ready"
+
+
+def online(
+    stream: dict[str, np.ndarray],
+    score: Callable[[torch.Tensor], torch.Tensor],
+    pool: SamplePool,
+    start: int = 0,
+    batch_size: int = 32,
+) -> tuple[int, np.ndarray]:
+    """Feed the stream's cached logits from ``start`` in batches to ``score`` and ``pool``.
+
+    Stops after the batch that makes the pool ready (firing ``PoolEvents.POOL_READY``) or at
+    the end of the stream. Returns the next stream position and the scores seen.
+    """
+    logits = torch.from_numpy(stream["logits"])
+    bounds = [(lo, min(lo + batch_size, len(logits))) for lo in range(start, len(logits), batch_size)]
+    seen: list[torch.Tensor] = []
+
+    def step(engine: Engine, bound: tuple[int, int]) -> dict[str, int]:
+        lo, hi = bound
+        scores = score(logits[lo:hi])
+        seen.append(scores)
+        pooled = pool.add(stream["ids"][lo:hi], scores.numpy())
+        engine.state.position = hi
+        if pool.ready:
+            engine.fire_event(PoolEvents.POOL_READY)
+        return {"pooled": pooled}
+
+    engine = Engine(step)
+    engine.register_events(*PoolEvents)
+    engine.add_event_handler(PoolEvents.POOL_READY, lambda e: e.terminate())
+    engine.state.position = start
+    if bounds:
+        with progress(engine, "online stream", show=None):
+            engine.run(bounds)
+    scores = torch.cat(seen).numpy() if seen else np.array([], dtype=np.float32)
+    return engine.state.position, scores

@@ -1,0 +1,167 @@
+"""The training graphs: supervised training of the first model, and distillation into a
+student whose classifier has grown by the discovered classes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gin
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.handlers import CosineAnnealingScheduler
+from torch import nn
+
+from components.data import ImageSet, image_loader
+from graphs.handlers import progress
+
+
+def _views(augment: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    return [augment(x) for _ in range(n)]
+
+
+def _fit(
+    engine: Engine,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    description: str,
+    on_first_step: Callable[[], None] | None,
+    cosine: bool = True,
+) -> Engine:
+    """Cosine learning-rate decay to zero over the run (unless ``cosine=False``), a progress
+    bar, then run."""
+    if cosine:
+        lr = optimizer.param_groups[0]["lr"]
+        total = epochs * len(loader)
+        engine.add_event_handler(
+            Events.ITERATION_STARTED,
+            CosineAnnealingScheduler(optimizer, "lr", lr, 0.0, cycle_size=total + 1),
+        )
+    if on_first_step is not None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: on_first_step())
+    with progress(engine, description):
+        engine.run(loader, max_epochs=epochs)
+    return engine
+
+
+@gin.configurable(denylist=["model", "images", "augment", "device", "on_first_step"])
+def train(
+    model: nn.Module,
+    images: ImageSet,
+    augment: nn.Module,
+    device: torch.device,
+    epochs: int = 30,
+    batch_size: int = 64,
+    sampler: str = "class_balanced",
+    optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
+    contrastive: nn.Module | None = None,
+    contrastive_weight: float = 1.0,
+    seed: int = 0,
+    on_first_step: Callable[[], None] | None = None,
+) -> Engine:
+    """Train ``model`` on labeled images with cross-entropy, optionally plus a contrastive
+    term on the projector over two augmented views (e.g. SupCon, which uses the labels)."""
+    model.to(device)
+    opt = optimizer(model.parameters())
+    views = 1 if contrastive is None else 2
+
+    def update(engine: Engine, batch) -> dict[str, float]:
+        model.train()
+        augment.train()
+        x, y, _ = (t.to(device, non_blocking=True) for t in batch)
+        outs = [model.encode(v) for v in _views(augment, x, views)]
+        loss = sum(F.cross_entropy(o["logits"], y) for o in outs) / views
+        if contrastive is not None:
+            labeled = torch.ones_like(y, dtype=torch.bool)
+            loss = loss + contrastive_weight * contrastive(
+                outs[0]["projected"], outs[1]["projected"], y, labeled
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+
+    loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
+    return _fit(Engine(update), loader, opt, epochs, f"train {images.name}", on_first_step)
+
+
+@gin.configurable(denylist=["student", "teacher", "images", "augment", "device"])
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: ImageSet,
+    augment: nn.Module,
+    device: torch.device,
+    loss: nn.Module = gin.REQUIRED,
+    epochs: int = 30,
+    batch_size: int = 64,
+    sampler: str = "class_balanced",
+    optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
+    seed: int = 0,
+) -> Engine:
+    """Teach ``student`` (grown classifier) from labels and pseudo-labels in ``images`` and
+    from ``teacher``'s old-class outputs on the same augmented batch."""
+    student.to(device)
+    teacher.to(device).eval()
+    opt = optimizer(student.parameters())
+
+    def update(engine: Engine, batch) -> dict[str, float]:
+        student.train()
+        augment.train()
+        x, y, _ = (t.to(device, non_blocking=True) for t in batch)
+        x = augment(x)
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        value = loss(student(x), y, teacher_logits)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        return {"loss": value.item()}
+
+    loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
+    return _fit(Engine(update), loader, opt, epochs, f"distill {images.name}", None)
+
+
+@gin.configurable(denylist=["model", "labeled", "unlabeled", "augment", "device"])
+def adapt(
+    model: nn.Module,
+    labeled: ImageSet,
+    unlabeled: ImageSet,
+    augment: nn.Module,
+    device: torch.device,
+    loss: nn.Module = gin.REQUIRED,
+    ce_weight: float = 0.5,
+    epochs: int = 60,
+    batch_size: int = 128,
+    optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
+    cosine: bool = True,
+    seed: int = 0,
+) -> Engine:
+    """Representation learning on labeled and unlabeled images together before clustering, as
+    GCD does (Vaze et al., CVPR 2022): ``loss`` (e.g. :class:`GCDContrastive`) on the projections
+    of two augmented views, plus ``ce_weight`` · cross-entropy on the labeled images."""
+    model.to(device)
+    opt = optimizer(model.parameters())
+    both = ImageSet(
+        torch.cat([labeled.images, unlabeled.images]),
+        torch.cat([labeled.targets, torch.full((len(unlabeled),), -1)]),
+        labeled.classes, f"{labeled.name}+{unlabeled.name}",
+    )
+
+    def update(engine: Engine, batch) -> dict[str, float]:
+        model.train()
+        augment.train()
+        x, y, _ = (t.to(device, non_blocking=True) for t in batch)
+        is_labeled = y >= 0
+        first, second = (model.encode(v) for v in _views(augment, x, 2))
+        value = loss(first["projected"], second["projected"], y, is_labeled)
+        if is_labeled.any() and ce_weight:
+            value = value + ce_weight * F.cross_entropy(first["logits"][is_labeled], y[is_labeled])
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        return {"loss": value.item()}
+
+    loader = image_loader(both, batch_size, sampler="instance", drop_last=True, seed=seed)
+    return _fit(Engine(update), loader, opt, epochs, f"adapt {both.name}", None, cosine)
