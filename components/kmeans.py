@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import faiss
-import gin
 import numpy as np
+
+import gin
 
 
 @dataclasses.dataclass
@@ -98,25 +99,34 @@ class SemiSupervisedKMeans:
             d2 = np.minimum(d2, ((x_u - x_u[i]) ** 2).sum(1))
         return x_u[chosen]
 
+    def _assign(self, x_u: np.ndarray, centroids: np.ndarray, n_old: int):
+        """Nearest centroid for each unlabeled sample; an empty new cluster takes the sample
+        farthest from its centroid (the worst-served one)."""
+        labels, dist = _nearest(x_u, centroids, self.use_gpu)
+        for empty in sorted(set(range(n_old, len(centroids))) - set(labels.tolist())):
+            far = int(np.argmax(dist))
+            labels[far], dist[far] = empty, 0.0
+        return labels, dist
+
     def _run(self, x_u, x_l, y_l, old, seed) -> KMeansResult:
         rng = np.random.default_rng(seed)
         k = len(old) + self.k_new
         centroids = np.concatenate([old, self._seed_new(x_u, old, rng)]).astype(np.float32)
         x_all = np.concatenate([x_l, x_u])
-        labels = np.full(len(x_u), -1)
-        for iteration in range(1, self.n_iter + 1):
-            new_labels, dist = _nearest(x_u, centroids, self.use_gpu)
-            for empty in sorted(set(range(len(old), k)) - set(new_labels.tolist())):
-                far = int(np.argmax(dist))  # re-seed at the worst-served sample
-                new_labels[far], dist[far] = empty, 0.0
-            if np.array_equal(new_labels, labels):
-                break
-            labels = new_labels
+        labels, dist = self._assign(x_u, centroids, len(old))
+        iterations = 0
+        while iterations < self.n_iter:
+            iterations += 1
             assign = np.concatenate([y_l, labels])
             sums = np.zeros_like(centroids, dtype=np.float64)
             np.add.at(sums, assign, x_all)
             counts = np.bincount(assign, minlength=k)[:, None]
             centroids = (sums / np.maximum(counts, 1)).astype(np.float32)
+            new_labels, dist = self._assign(x_u, centroids, len(old))
+            converged = np.array_equal(new_labels, labels)
+            labels = new_labels
+            if converged:
+                break
         dist_l = ((x_l - centroids[y_l]) ** 2).sum(1)
         inertia = float(dist.sum() + dist_l.sum())
-        return KMeansResult(labels, dist, centroids, inertia, iteration)
+        return KMeansResult(labels, dist, centroids, inertia, iterations)

@@ -30,7 +30,7 @@ def hungarian_mapping(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
     counts = np.zeros((size, size), dtype=np.int64)
     np.add.at(counts, (y_pred, y_true), 1)
     rows, cols = linear_sum_assignment(counts, maximize=True)
-    return dict(zip(rows.tolist(), cols.tolist()))
+    return dict(zip(rows.tolist(), cols.tolist(), strict=True))
 
 
 def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[int]) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import gin
 import numpy as np
 import torch
+
+import gin
 
 
 @gin.configurable

@@ -6,8 +6,9 @@ reference (``online.score = @energy``) or pass it directly.
 
 from __future__ import annotations
 
-import gin
 import torch
+
+import gin
 
 
 @gin.configurable

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from ignite.engine import Engine, EventEnum, Events
+from ignite.engine import Engine, EventEnum
 
 from components.pool import SamplePool
 from graphs.handlers import progress

@@ -1,0 +1,76 @@
+"""Run one experiment for several seeds and print the mean ± std of its metrics.
+
+``python -m components.seeds --gin gin/distill.gin --seeds 0 1 2 [--gin-bindings B ...]``
+runs ``components.run`` once per seed (binding ``SEED``) into ``<out>/seed<N>`` and writes
+``<out>/summary.json``. This is the command behind the README's result tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from components.run import main as run_main
+from graphs.handlers import RunDir, console
+
+REPORTED = [
+    ("test", "all"), ("test", "old"), ("test", "new"), ("teacher_old_accuracy", None),
+    ("shots", "medium"), ("shots", "few"), ("novelty", "auroc"), ("pool", "precision"),
+    ("pool", "recall"), ("pool_clustering", "new"), ("seconds", None),
+]
+
+
+def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
+    out = {}
+    for group, key in REPORTED:
+        values = np.array([r[group] if key is None else r[group][key] for r in runs], float)
+        name = group if key is None else f"{group}.{key}"
+        out[name] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
+                     "values": values.tolist()}
+    return out
+
+
+def _fmt(name: str, value: float) -> str:
+    """Seconds as they are, AUROC as a fraction, everything else as a percentage."""
+    if name == "seconds":
+        return f"{value:.1f}"
+    return f"{value:.3f}" if "auroc" in name else f"{100 * value:.1f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.seeds", description=__doc__)
+    parser.add_argument("--gin", action="append", required=True, metavar="FILE")
+    parser.add_argument("--gin-bindings", action="append", default=[], metavar="BINDING")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/seeds", help="folder for the per-seed runs")
+    args = parser.parse_args(argv)
+    runs = []
+    for seed in args.seeds:
+        run_dir = Path(args.out) / f"seed{seed}"
+        argv_one = [a for f in args.gin for a in ("--gin", f)]
+        argv_one += [a for b in [*args.gin_bindings, f"SEED = {seed}"] for a in ("--gin-bindings", b)]
+        code = run_main([*argv_one, "--run-dir", str(run_dir)])
+        if code != 0:
+            return code
+        runs.append(json.loads((run_dir / "metrics.json").read_text()))
+    summary = summarize(runs)
+    RunDir(args.out).write_json("summary.json", {"seeds": args.seeds, "metrics": summary,
+                                                 "gin": args.gin, "bindings": args.gin_bindings})
+    table = Table(title=f"{runs[0]['protocol']}: mean ± std over seeds {args.seeds}")
+    for column in ("metric", "mean", "std", "per seed"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, s in summary.items():
+        table.add_row(name, _fmt(name, s["mean"]), _fmt(name, s["std"]),
+                      " ".join(_fmt(name, v) for v in s["values"]))
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

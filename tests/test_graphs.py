@@ -1,0 +1,121 @@
+"""Graphs: Ignite engines built from the components they are given."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from components.cache import FeatureCache
+from components.data import BatchAugment, ImageSet
+from components.losses import DistillLoss
+from components.models import Network, SmallConvNet
+from components.pool import SamplePool
+from components.scores import max_softmax
+from graphs.encode import encode
+from graphs.evaluate import evaluate
+from graphs.online import online
+from graphs.train import adapt, distill, train
+
+CPU = torch.device("cpu")
+
+
+def _images(n: int = 24, classes: int = 3, seed: int = 0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n) % classes
+    images = torch.randint(0, 40, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    for c in range(classes):  # one bright row per class: learnable in a few steps
+        images[targets == c, :, 2 * c + 1] = 250
+    return ImageSet(images, targets, [str(c) for c in range(classes)], "tiny")
+
+
+def _net(classes: int = 3) -> Network:
+    torch.manual_seed(0)
+    return Network(SmallConvNet(in_channels=1, width=4), classes)
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def test_online_stops_when_the_pool_fires():
+    logits = torch.zeros(10, 3)
+    logits[:, 0] = torch.tensor([9, 9, 0, 9, 0, 0, 9, 0, 0, 0], dtype=torch.float)  # 0 = unsure
+    stream = {"logits": logits.numpy(), "ids": np.arange(10)}
+    pool = SamplePool(trigger_size=3, threshold=0.5)
+    position, scores = online(stream, max_softmax, pool, batch_size=2)
+    # unsure samples are 2, 4, 5: the pool fills in the batch [4, 6), and the stream stops there
+    assert position == 6 and len(scores) == 6
+    assert pool.ids.tolist() == [2, 4, 5]
+    # the next call resumes where the last one stopped and runs to the end of the stream
+    pool.remove(pool.ids)
+    position, scores = online(stream, max_softmax, pool, start=position, batch_size=2)
+    assert position == 10 and len(scores) == 4 and pool.ids.tolist() == [7, 8, 9]
+
+
+def test_encode_caches_and_refuses_stale_entries(tmp_path):
+    images, model, augment = _images(), _net(), BatchAugment()
+    cache = FeatureCache(str(tmp_path))
+    first = encode(model, images, augment, cache, CPU)
+    assert set(first) == {"features", "projected", "logits", "targets", "ids"}
+    assert first["logits"].shape == (24, 3) and first["ids"].tolist() == list(range(24))
+    again = encode(model, images, augment, cache, CPU)
+    assert (cache.hits, cache.misses) == (1, 1)
+    np.testing.assert_array_equal(first["features"], again["features"])
+    with torch.no_grad():
+        model.classifier.bias[0] += 1.0  # a changed model must not reuse the old file
+    changed = encode(model, images, augment, cache, CPU)
+    assert cache.misses == 2
+    assert not np.allclose(changed["logits"], first["logits"])
+
+
+def test_train_learns_and_calls_the_first_step_hook():
+    images, model, calls = _images(48), _net(), []
+    engine = train(model, images, BatchAugment(), CPU, epochs=15, batch_size=16,
+                   sampler="class_balanced", optimizer=_sgd, on_first_step=lambda: calls.append(1))
+    assert calls == [1]
+    assert engine.state.iteration == 15 * 3
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(BatchAugment()(images.images)).argmax(1) == images.targets).float().mean()
+    assert accuracy > 0.9
+
+
+def test_adapt_trains_on_labeled_and_unlabeled_images():
+    labeled, unlabeled, model = _images(16), _images(16, seed=1), _net()
+    before = [p.detach().clone() for p in model.projector.parameters()]
+    from components.losses import GCDContrastive
+
+    engine = adapt(model, labeled, unlabeled, BatchAugment(pad=1), CPU, loss=GCDContrastive(),
+                   epochs=2, batch_size=8, optimizer=_sgd)
+    assert engine.state.iteration == 2 * 4  # 32 images in batches of 8
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.projector.parameters(), strict=True))
+
+
+def test_distill_teaches_new_classes_and_keeps_old_rows_shape():
+    images = _images(60, classes=4)
+    old = ImageSet(images.images[images.targets < 3], images.targets[images.targets < 3],
+                   images.classes[:3], "old")
+    teacher = _net(3)
+    train(teacher, old, BatchAugment(), CPU, epochs=10, batch_size=15, optimizer=_sgd)
+    student = _net(3)
+    student.load_state_dict(teacher.state_dict())
+    student.classifier.grow(1)
+    distill(student, teacher, images, BatchAugment(), CPU, loss=DistillLoss(), epochs=15,
+            batch_size=15, sampler="instance", optimizer=_sgd)
+    student.eval()
+    with torch.no_grad():
+        pred = student(BatchAugment()(images.images)).argmax(1)
+    assert student.num_classes == 4
+    assert (pred[images.targets == 3] == 3).float().mean() > 0.8  # learned the new class
+    assert (pred[images.targets < 3] == images.targets[images.targets < 3]).float().mean() > 0.8
+
+
+def test_evaluate_matches_new_clusters_by_hungarian():
+    targets = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    predicted = np.array([0, 0, 1, 1, 3, 3, 2, 2])  # new classes 2, 3 found under swapped ids
+    logits = np.eye(4, dtype=np.float32)[predicted]
+    result = evaluate({"logits": logits, "targets": targets}, n_old=2, train_counts=[150, 10],
+                      batch_size=3)
+    assert result["accuracy"]["all"] == 1.0 and result["accuracy"]["new"] == 1.0
+    assert result["shots"]["many"] == 1.0 and result["shots"]["few"] == 1.0
+    assert np.isnan(result["shots"]["medium"])
