@@ -34,11 +34,6 @@ def _checkpoint(run_dir: RunDir, model: nn.Module, engine: Engine, name: str) ->
     Checkpoint({"model": model}, saver, filename_prefix=name)(engine)
 
 
-def _select(images: ImageSet, ids: np.ndarray, targets: np.ndarray, name: str) -> ImageSet:
-    index = torch.as_tensor(ids, dtype=torch.long)
-    return ImageSet(images.images[index], torch.as_tensor(targets), images.classes, name)
-
-
 @gin.configurable(denylist=["run_dir"])
 def lifecycle(
     run_dir: RunDir,
@@ -84,7 +79,12 @@ def lifecycle(
     stream_targets = cached["stream"]["targets"]
     seen_new = stream_targets[:position] >= protocol.n_old
     pooled = np.isin(np.arange(position), pool.ids)
-    console.log(f"pool: {len(pool)} of {position} stream samples (threshold {threshold:.4f})")
+    if pool.ready:
+        console.log(f"pool fired: {len(pool)} of the first {position} stream samples pooled "
+                    f"(threshold {threshold:.4f})")
+    else:
+        console.log(f"stream ended before the pool reached {pool.trigger_size}: discovering on "
+                    f"the {len(pool)} pooled of {position} (threshold {threshold:.4f})")
 
     # 3. discover: learn a representation on the labeled images and everything the stream has
     #    shown so far (optional), then semi-supervised k-means on the pool, anchored by the
@@ -112,7 +112,7 @@ def lifecycle(
     rows = np.stack([features[result.labels == protocol.n_old + j].mean(0) for j in range(k_new)])
     student.classifier.grow(k_new, torch.from_numpy(rows).to(device))
     taught = ImageSet(
-        torch.cat([protocol.labeled.images, protocol.stream.images[torch.as_tensor(ids)]]),
+        torch.cat([protocol.labeled.images, pool_images.images]),
         torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels)]),
         protocol.class_names, f"{protocol.name}/labeled+pseudo",
     )

@@ -3,6 +3,7 @@ and batched augmentation. Everything is tiny; no download, no real CIFAR/TinyIma
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import pickletools
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from components.data.loading import BatchAugment, class_balanced_weights, image_loader
+from components.data import sources
 from components.data.sources import ImageSet, digits, image_folder, torchvision_dataset
 from components.data.splits import long_tail_counts, make_protocol, superclass_members
 
@@ -400,7 +402,8 @@ def test_torchvision_fashion_mnist(tmp_dir):
     assert train.classes[0] == "T-shirt/top" and len(train.classes) == 10
 
 
-def test_torchvision_missing_dataset_names_the_path(tmp_dir):
+def test_torchvision_missing_dataset_names_the_path(tmp_dir, monkeypatch):
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", str(tmp_dir / "no-debian-package"))
     missing = tmp_dir / "nowhere"
     with pytest.raises(FileNotFoundError) as info:
         torchvision_dataset("CIFAR10", root=str(missing))
@@ -409,6 +412,27 @@ def test_torchvision_missing_dataset_names_the_path(tmp_dir):
         torchvision_dataset("FashionMNIST", root=str(missing))
     message = str(info.value)
     assert str(missing.resolve()) in message and "apt-get install dataset-fashion-mnist" in message
+
+
+def test_fashion_mnist_is_unpacked_from_the_debian_package(tmp_dir, monkeypatch):
+    """With Debian's dataset-fashion-mnist installed, the loader un-gzips it on first use."""
+    debian = tmp_dir / "debian"
+    debian.mkdir()
+    rng = np.random.default_rng(1)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.array([1, 2, 3, 9]),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": np.array([0, 5]),
+    }
+    for stem, array in arrays.items():
+        _write_idx(tmp_dir / stem, array)
+        (debian / f"{stem}.gz").write_bytes(gzip.compress((tmp_dir / stem).read_bytes()))
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", str(debian))
+    train, test = torchvision_dataset("FashionMNIST", root=str(tmp_dir / "root"))
+    assert train.targets.tolist() == [1, 2, 3, 9] and test.targets.tolist() == [0, 5]
+    assert torch.equal(train.images[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
+    assert not list((tmp_dir / "root" / "FashionMNIST" / "raw").glob("*.tmp"))
 
 
 def test_torchvision_unknown_name_raises():
