@@ -1,0 +1,154 @@
+"""Batched in-memory loading, samplers and on-device augmentation.
+
+An :class:`ImageSet` is served by a regular ``torch.utils.data.DataLoader`` whose dataset
+implements ``__getitems__``: the loader asks for a whole batch of indices at once and gets one
+uint8 tensor back, so no per-sample Python or PIL work runs in the training loop. Augmentation
+(:class:`BatchAugment`) then runs on the whole batch on the model's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gin
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms.v2 import functional as F
+
+from components.data.sources import ImageSet
+
+
+class BatchedImages(Dataset):
+    """Map-style dataset over an :class:`ImageSet` that returns whole batches.
+
+    ``dataset[i]`` gives ``(image, target, i)``; ``dataset.__getitems__(indices)`` gives the
+    batched tensors ``(images [B,C,H,W] uint8, targets [B], indices [B])`` in one indexing op.
+    """
+
+    def __init__(self, images: ImageSet) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images.images[i], self.images.targets[i], i
+
+    def __getitems__(self, indices: Sequence[int]):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images.images[index], self.images.targets[index], index
+
+
+def _keep_batch(batch):
+    return batch
+
+
+def class_balanced_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights ``1 / n_class``: every class is drawn equally often."""
+    counts = torch.bincount(targets)
+    return 1.0 / counts[targets].double()
+
+
+@gin.configurable(denylist=["images"])
+def image_loader(
+    images: ImageSet,
+    batch_size: int = 128,
+    shuffle: bool = True,
+    sampler: str = "instance",
+    drop_last: bool = False,
+    seed: int | None = None,
+) -> DataLoader:
+    """A DataLoader yielding ``(uint8 images, targets, indices)`` batches.
+
+    ``sampler`` is ``'instance'`` (each image once per epoch, shuffled) or ``'class_balanced'``
+    (Kang et al., ICLR 2020: a class uniformly, then one of its images uniformly).
+    """
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if sampler == "instance":
+        chosen = None
+    elif sampler == "class_balanced":
+        chosen = WeightedRandomSampler(
+            class_balanced_weights(images.targets), len(images), True, generator=generator
+        )
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}: use 'instance' or 'class_balanced'")
+    return DataLoader(
+        BatchedImages(images),
+        batch_size=batch_size,
+        shuffle=shuffle and chosen is None,
+        sampler=chosen,
+        drop_last=drop_last and len(images) > batch_size,
+        collate_fn=_keep_batch,
+        generator=generator,
+    )
+
+
+@gin.configurable
+class BatchAugment(nn.Module):
+    """Per-sample random affine (rotation, scale, translation), pad + random crop, horizontal
+    flip and normalization on a uint8 batch.
+
+    Runs on the batch's device. In eval mode (``module.eval()``) it only converts and
+    normalizes. torchvision's v2 transforms draw one set of parameters per call, so the
+    per-sample parameters are drawn here and applied to the whole batch at once (one
+    ``grid_sample`` for the affine, one gather for the crop).
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
+        pad: int = 0,
+        flip: bool = False,
+        degrees: float = 0.0,
+        translate: float = 0.0,
+        scale: Sequence[float] = (1.0, 1.0),
+    ) -> None:
+        super().__init__()
+        self.mean, self.std, self.pad, self.flip = list(mean), list(std), pad, flip
+        self.degrees, self.translate, self.scale = degrees, translate, tuple(scale)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"BatchAugment expects uint8 images, got {images.dtype}")
+        x = F.to_dtype(images, torch.float32, scale=True)
+        if self.training and (self.degrees or self.translate or self.scale != (1.0, 1.0)):
+            x = self._random_affine(x)
+        if self.training and self.pad > 0:
+            x = self._random_crop(x)
+        if self.training and self.flip:
+            flipped = torch.rand(len(x), device=x.device) < 0.5
+            x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+        return F.normalize(x, self.mean, self.std)
+
+    def _random_affine(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.empty(n, device=x.device).uniform_(low, high)
+
+        angle = torch.deg2rad(uniform(-self.degrees, self.degrees))
+        zoom = uniform(*self.scale)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        shift = [uniform(-2 * self.translate, 2 * self.translate) for _ in range(2)]
+        theta = torch.stack([torch.stack([cos, -sin, shift[0]], 1),
+                             torch.stack([sin, cos, shift[1]], 1)], 1)  # [n, 2, 3]
+        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return nn.functional.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+
+    def _random_crop(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.pad
+        padded = nn.functional.pad(x, (p, p, p, p))
+        top = torch.randint(0, 2 * p + 1, (n, 1), device=x.device)
+        left = torch.randint(0, 2 * p + 1, (n, 1), device=x.device)
+        rows = top + torch.arange(h, device=x.device)  # [n, h]
+        cols = left + torch.arange(w, device=x.device)  # [n, w]
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [n,h,w,c]
+        return out.permute(0, 3, 1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"mean={self.mean}, std={self.std}, pad={self.pad}, flip={self.flip}, "
+                f"degrees={self.degrees}, translate={self.translate}, scale={self.scale}")

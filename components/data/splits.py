@@ -1,0 +1,157 @@
+"""Long-tail subsampling and the novel-class protocol (labeled set, unlabeled stream, test).
+
+The exact rules are in DESIGN.md ("Definitions to keep exact", "Split rule"):
+
+* ``exp``:  ``n_i = int(n_max * (1 / ratio) ** (i / (C - 1)))`` for class rank ``i``;
+* ``step``: the first ``C // 2`` classes keep ``n_max``, the rest get ``int(n_max / ratio)``;
+* each class's training images are split in two halves by a seed; the first half of each old
+  class, subsampled to the profile, is the labeled set; the second half of every class,
+  shuffled, is the stream; the first half of each new class is not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+
+import gin
+import numpy as np
+import torch
+
+from components.data.sources import ImageSet
+
+# CIFAR-100 fine class id -> superclass id (the dataset's "coarse" labels).
+CIFAR100_COARSE = [
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13,
+    15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4,
+    17, 4, 2, 0, 17, 4, 18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13,
+    15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+]
+CIFAR100_SUPERCLASSES = [
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+    "large_man-made_outdoor_things", "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates", "people",
+    "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
+]
+
+
+def long_tail_counts(num_classes: int, n_max: int, ratio: float, profile: str = "exp") -> list[int]:
+    """Images kept per class rank under the ``exp`` or ``step`` profile (DESIGN.md)."""
+    if ratio < 1:
+        raise ValueError(f"imbalance ratio must be >= 1 (n_max / n_min), got {ratio}")
+    if num_classes < 1 or n_max < 1:
+        raise ValueError(f"need num_classes >= 1 and n_max >= 1, got {num_classes}, {n_max}")
+    if profile == "exp":
+        if num_classes == 1:
+            return [n_max]
+        return [int(n_max * (1 / ratio) ** (i / (num_classes - 1))) for i in range(num_classes)]
+    if profile == "step":
+        half = num_classes // 2
+        return [n_max] * half + [int(n_max / ratio)] * (num_classes - half)
+    raise ValueError(f"unknown long-tail profile {profile!r}: use 'exp' or 'step'")
+
+
+def superclass_members(names: Sequence[str]) -> list[int]:
+    """CIFAR-100 fine class ids of the given superclass names (for choosing new classes)."""
+    out = []
+    for name in names:
+        if name not in CIFAR100_SUPERCLASSES:
+            raise ValueError(f"unknown CIFAR-100 superclass {name!r}; known: {CIFAR100_SUPERCLASSES}")
+        coarse = CIFAR100_SUPERCLASSES.index(name)
+        out += [fine for fine, c in enumerate(CIFAR100_COARSE) if c == coarse]
+    return sorted(out)
+
+
+@dataclasses.dataclass
+class ProtocolData:
+    """A novel-class protocol. Labels are remapped: old classes -> ``0..n_old-1`` (in the order
+    given, which is the long-tail rank order), new classes -> ``n_old..n_old+n_new-1``."""
+
+    labeled: ImageSet
+    stream: ImageSet
+    test: ImageSet
+    class_names: list[str]
+    n_old: int
+    n_new: int
+    train_counts: list[int]  # labeled images per old class
+    name: str = "protocol"
+
+    @property
+    def num_classes(self) -> int:
+        return self.n_old + self.n_new
+
+
+@gin.configurable(denylist=["source_sets"])
+def make_protocol(
+    source: Callable[[], tuple[ImageSet, ImageSet]] = gin.REQUIRED,
+    new_classes: Sequence[int] = (),
+    new_superclasses: Sequence[str] = (),
+    profile: str = "exp",
+    ratio: float = 1.0,
+    n_max: int | None = None,
+    halve: bool = True,
+    seed: int = 0,
+    name: str = "protocol",
+    source_sets: tuple[ImageSet, ImageSet] | None = None,
+) -> ProtocolData:
+    """Build the labeled set, the stream and the test set by the split rule of DESIGN.md.
+
+    ``source`` returns ``(train, test)``. ``halve=False`` labels the whole training set
+    (long-tailed) and leaves the stream empty (the ``fmnist-lt`` protocol). ``n_max`` defaults
+    to the smallest first-half (or class) size among the old classes.
+    """
+    train, test = source_sets if source_sets is not None else source()
+    all_classes = sorted(int(c) for c in torch.unique(train.targets))
+    new = sorted(set(int(c) for c in new_classes) | set(superclass_members(new_superclasses)))
+    unknown = [c for c in new if c not in all_classes]
+    if unknown:
+        raise ValueError(f"new classes {unknown} do not occur in {train.name} (has {all_classes})")
+    old = [c for c in all_classes if c not in new]
+    if not old:
+        raise ValueError("every class is new: keep at least one old (labeled) class")
+
+    rng = np.random.default_rng(seed)
+    targets = train.targets.numpy()
+    first, second = {}, {}
+    for c in all_classes:
+        index = rng.permutation(np.flatnonzero(targets == c))
+        cut = len(index) // 2 if halve else len(index)
+        first[c], second[c] = index[:cut], index[cut:]
+
+    top = n_max if n_max is not None else min(len(first[c]) for c in old)
+    counts = long_tail_counts(len(old), top, ratio, profile)
+    for rank, c in enumerate(old):
+        if counts[rank] == 0:
+            warnings.warn(
+                f"class {c} gets 0 images at ratio {ratio} with n_max {top}; keeping 1 instead",
+                stacklevel=2,
+            )
+            counts[rank] = 1
+        if counts[rank] > len(first[c]):
+            raise ValueError(f"class {c} has {len(first[c])} images, the profile asks {counts[rank]}")
+
+    order = old + new
+    remap = torch.full((max(all_classes) + 1,), -1, dtype=torch.long)
+    remap[torch.tensor(order)] = torch.arange(len(order))
+
+    names = [train.classes[c] for c in order]
+
+    def remapped(subset: ImageSet) -> ImageSet:
+        return ImageSet(subset.images, remap[subset.targets], names, subset.name)
+
+    labeled_index = np.concatenate([first[c][:n] for c, n in zip(old, counts)])
+    stream_index = np.concatenate([second[c] for c in all_classes]) if halve else np.array([], int)
+    stream_index = rng.permutation(stream_index)
+    keep_test = torch.isin(test.targets, torch.tensor(order))
+    return ProtocolData(
+        labeled=remapped(train.subset(labeled_index, f"{name}/labeled")),
+        stream=remapped(train.subset(stream_index, f"{name}/stream")),
+        test=remapped(test.subset(torch.nonzero(keep_test).squeeze(1), f"{name}/test")),
+        class_names=names,
+        n_old=len(old),
+        n_new=len(new),
+        train_counts=counts,
+        name=name,
+    )
