@@ -13,12 +13,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import gin
 import h5py
 import numpy as np
 import torch
 from torch import nn
-
-import gin
 
 FORMAT_VERSION = "1"
 

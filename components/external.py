@@ -1,9 +1,8 @@
 """Third-party callables registered with gin, once, here."""
 
+import gin
 import torch
 import torchvision
-
-import gin
 
 for optimizer in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
     gin.external_configurable(optimizer, module="torch.optim")

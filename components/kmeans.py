@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 import faiss
-import numpy as np
-
 import gin
+import numpy as np
 
 
 @dataclasses.dataclass

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import gin
 
 
 @gin.configurable

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import gin
 import numpy as np
 import torch
-
-import gin
 
 
 @gin.configurable

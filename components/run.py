@@ -13,8 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import components  # noqa: F401  (registers the components)
 import gin
+
+import components  # noqa: F401  (registers the components)
 import graphs  # noqa: F401  (registers the graphs)
 from graphs.handlers import RunDir, console
 from graphs.report import show_metrics

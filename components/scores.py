@@ -6,9 +6,8 @@ reference (``online.score = @energy``) or pass it directly.
 
 from __future__ import annotations
 
-import torch
-
 import gin
+import torch
 
 
 @gin.configurable

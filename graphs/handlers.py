@@ -9,11 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import gin
 from ignite.engine import Engine, Events
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-import gin
 
 console = Console(stderr=True)
 

@@ -9,6 +9,7 @@ import copy
 import time
 from collections.abc import Callable
 
+import gin
 import ignite.distributed as idist
 import numpy as np
 import torch
@@ -17,7 +18,6 @@ from ignite.handlers import Checkpoint, DiskSaver
 from ignite.utils import manual_seed
 from torch import nn
 
-import gin
 from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData
 from components.metrics import clustering_accuracy, novelty_metrics, pool_quality

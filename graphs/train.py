@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gin
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import CosineAnnealingScheduler
 from torch import nn
 
-import gin
 from components.data import ImageSet, image_loader
 from graphs.handlers import progress
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gin
 import pytest
 import torch
-
-import gin
 
 
 @pytest.fixture(autouse=True)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.data.loading import BatchAugment, class_balanced_weights, image_loader
 from components.data import sources
+from components.data.loading import BatchAugment, class_balanced_weights, image_loader
 from components.data.sources import ImageSet, digits, image_folder, torchvision_dataset
 from components.data.splits import long_tail_counts, make_protocol, superclass_members
 

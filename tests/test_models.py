@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 
+import gin
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 import components  # noqa: F401  (registers every component with gin)
-import gin
 from components.models import (
     GrowingLinear,
     MLPProjector,

@@ -141,7 +141,7 @@ def make_protocol(
     def remapped(subset: ImageSet) -> ImageSet:
         return ImageSet(subset.images, remap[subset.targets], names, subset.name)
 
-    labeled_index = np.concatenate([first[c][:n] for c, n in zip(old, counts)])
+    labeled_index = np.concatenate([first[c][:n] for c, n in zip(old, counts, strict=True)])
     stream_index = np.concatenate([second[c] for c in all_classes]) if halve else np.array([], int)
     stream_index = rng.permutation(stream_index)
     keep_test = torch.isin(test.targets, torch.tensor(order))

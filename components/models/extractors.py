@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gin
 import torch
 import torchvision
 from torch import nn
-
-import gin
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gin
 import torch
 from torch import nn
 
-import gin
 from components.models.heads import GrowingLinear, MLPProjector
 
 
