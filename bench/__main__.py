@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     before = _load()
-    if before > 0.5:
+    if before > (os.cpu_count() or 1) / 2:
         print(f"bench: warning: 1-min load average is {before:.2f} before starting; other "
               f"processes compete for the {os.cpu_count()} CPUs and the timings will be noisy "
               f"(with OpenMP threads, badly so)", file=sys.stderr, flush=True)

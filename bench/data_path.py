@@ -32,7 +32,8 @@ from torchvision.transforms import v2
 from components.data import BatchAugment, ImageSet, digits, image_loader, torchvision_dataset
 from components.data.sources import fashion_mnist_from_debian
 
-N_IMAGES = 20_480  # 80 batches
+N_IMAGES = 16_384  # 64 batches of 256 per timed pass
+WARMUP_IMAGES = 2_048
 BATCH_SIZE = 256
 PAD = 4
 SIZE = 28
@@ -110,12 +111,12 @@ def check_same_output(source: Source) -> None:
         raise AssertionError("path A and path B do not produce the same normalized images")
 
 
-def time_path(loader: DataLoader, augment: BatchAugment | None) -> float:
-    """Seconds to get ``N_IMAGES`` normalized float32 images out of ``loader`` (+ ``augment``)."""
+def time_path(loader: DataLoader, augment: BatchAugment | None, n_images: int = N_IMAGES) -> float:
+    """Seconds to get ``n_images`` normalized float32 images out of ``loader`` (+ ``augment``)."""
     iterator = iter(loader)  # (persistent workers: drains the previous pass, untimed)
     start = time.perf_counter()
     seen = 0
-    while seen < N_IMAGES:
+    while seen < n_images:
         try:
             batch = next(iterator)
         except StopIteration:  # only with the small fallback data
@@ -141,7 +142,7 @@ def run(repeats: int) -> list[dict]:
                           shuffle=True, num_workers=2, persistent_workers=True), None),
     }
     for loader, aug in paths.values():  # warm-up (and start the persistent workers)
-        time_path(loader, aug)
+        time_path(loader, aug, WARMUP_IMAGES)
     times: dict[str, list[float]] = {key: [] for key in paths}
     for _ in range(repeats):  # A, B0, B2, A, B0, B2, ...
         for key, (loader, aug) in paths.items():

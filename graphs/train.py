@@ -20,6 +20,21 @@ def _views(augment: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [augment(x) for _ in range(n)]
 
 
+def _batch(batch, device: torch.device, *modules: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put ``modules`` in training mode and the batch's images and labels on ``device``."""
+    for module in modules:
+        module.train()
+    x, y, _ = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> dict[str, float]:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.item()}
+
+
 def _fit(
     engine: Engine,
     loader,
@@ -67,9 +82,7 @@ def train(
     views = 1 if contrastive is None else 2
 
     def update(engine: Engine, batch) -> dict[str, float]:
-        model.train()
-        augment.train()
-        x, y, _ = (t.to(device, non_blocking=True) for t in batch)
+        x, y = _batch(batch, device, model, augment)
         outs = [model.encode(v) for v in _views(augment, x, views)]
         loss = sum(F.cross_entropy(o["logits"], y) for o in outs) / views
         if contrastive is not None:
@@ -77,10 +90,7 @@ def train(
             loss = loss + contrastive_weight * contrastive(
                 outs[0]["projected"], outs[1]["projected"], y, labeled
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.item()}
+        return _step(opt, loss)
 
     loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
     return _fit(Engine(update), loader, opt, epochs, f"train {images.name}", on_first_step)
@@ -107,17 +117,11 @@ def distill(
     opt = optimizer(student.parameters())
 
     def update(engine: Engine, batch) -> dict[str, float]:
-        student.train()
-        augment.train()
-        x, y, _ = (t.to(device, non_blocking=True) for t in batch)
+        x, y = _batch(batch, device, student, augment)
         x = augment(x)
         with torch.no_grad():
             teacher_logits = teacher(x)
-        value = loss(student(x), y, teacher_logits)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        return {"loss": value.item()}
+        return _step(opt, loss(student(x), y, teacher_logits))
 
     loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
     return _fit(Engine(update), loader, opt, epochs, f"distill {images.name}", None)
@@ -150,18 +154,13 @@ def adapt(
     )
 
     def update(engine: Engine, batch) -> dict[str, float]:
-        model.train()
-        augment.train()
-        x, y, _ = (t.to(device, non_blocking=True) for t in batch)
+        x, y = _batch(batch, device, model, augment)
         is_labeled = y >= 0
         first, second = (model.encode(v) for v in _views(augment, x, 2))
         value = loss(first["projected"], second["projected"], y, is_labeled)
         if is_labeled.any() and ce_weight:
             value = value + ce_weight * F.cross_entropy(first["logits"][is_labeled], y[is_labeled])
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        return {"loss": value.item()}
+        return _step(opt, value)
 
     loader = image_loader(both, batch_size, sampler="instance", drop_last=True, seed=seed)
     return _fit(Engine(update), loader, opt, epochs, f"adapt {both.name}", None, cosine)
