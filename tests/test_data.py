@@ -448,18 +448,16 @@ COLORS = {"cat": (10, 200, 30), "dog": (250, 5, 120)}
 
 
 def _write_tree(root: Path, splits=("train", "val")) -> None:
-    from torchvision.io import write_png
+    from PIL import Image
 
     for split, per_class in zip(splits, (2, 1), strict=True):
         for name, color in COLORS.items():
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
-                image = torch.tensor(color, dtype=torch.uint8)[:, None, None].expand(3, 20, 24)
-                write_png(image.contiguous(), str(folder / f"{i}.png"))
+                Image.new("RGB", (24, 20), color).save(folder / f"{i}.png")
     # one grayscale image: must come back as 3 equal channels
-    gray = torch.full((1, 12, 12), 77, dtype=torch.uint8)
-    write_png(gray, str(root / splits[0] / "dog" / "gray.png"))
+    Image.new("L", (12, 12), 77).save(root / splits[0] / "dog" / "gray.png")
 
 
 def test_image_folder_loads_and_resizes(tmp_dir):

@@ -166,7 +166,6 @@ def image_folder(
     ``image_size`` into memory. For trees too large for memory, cache features instead.
     """
     import torchvision.datasets as tvd
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2 import functional as F
 
     def load(split: str) -> ImageSet:
@@ -176,11 +175,10 @@ def image_folder(
                 f"no ImageFolder tree at {path.resolve()}: expected {path}/<class>/<image> "
                 f"(set image_folder.root, train_dir and test_dir)"
             )
-        folder = tvd.ImageFolder(str(path), loader=lambda p: p)
+        folder = tvd.ImageFolder(str(path))  # PIL loader, RGB
         images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
-        for i, (file, _) in enumerate(folder.samples):
-            image = decode_image(file, mode=ImageReadMode.RGB)
-            images[i] = F.resize(image, [image_size, image_size], antialias=True)
+        for i, (image, _) in enumerate(folder):
+            images[i] = F.resize(F.pil_to_tensor(image), [image_size, image_size], antialias=True)
         targets = torch.as_tensor(folder.targets, dtype=torch.long)
         return ImageSet(images, targets, list(folder.classes), f"{Path(root).name}/{split}")
 
