@@ -63,7 +63,7 @@ def run_graph(model: nn.Module, images: ImageSet, augment: nn.Module,
     """Side A: the library's Ignite graph. Returns the number of iterations it ran."""
     engine = train(
         model, images, augment, DEVICE, epochs=EPOCHS, batch_size=BATCH_SIZE,
-        sampler="instance", optimizer=optimizer, contrastive=None, contrastive_weight=1.0,
+        sampler="instance", optimizer=optimizer,
         seed=SEED, on_first_step=None,
     )
     return engine.state.iteration

@@ -70,26 +70,18 @@ def train(
     batch_size: int = 64,
     sampler: str = "class_balanced",
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
-    contrastive: nn.Module | None = None,
-    contrastive_weight: float = 1.0,
     seed: int = 0,
     on_first_step: Callable[[], None] | None = None,
 ) -> Engine:
-    """Train ``model`` on labeled images with cross-entropy, optionally plus a contrastive
-    term on the projector over two augmented views (e.g. SupCon, which uses the labels)."""
+    """Train ``model`` on labeled images with cross-entropy on augmented batches."""
     model.to(device)
     opt = optimizer(model.parameters())
-    views = 1 if contrastive is None else 2
 
     def update(engine: Engine, batch) -> dict[str, float]:
         x, y = _batch(batch, device, model, augment)
-        outs = [model.encode(v) for v in _views(augment, x, views)]
-        loss = sum(F.cross_entropy(o["logits"], y) for o in outs) / views
-        if contrastive is not None:
-            labeled = torch.ones_like(y, dtype=torch.bool)
-            loss = loss + contrastive_weight * contrastive(
-                outs[0]["projected"], outs[1]["projected"], y, labeled
-            )
+        # encode, not forward: the projector's BatchNorm statistics follow the features even
+        # though only the classifier is trained here.
+        loss = F.cross_entropy(model.encode(augment(x))["logits"], y)
         return _step(opt, loss)
 
     loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
