@@ -1,4 +1,5 @@
-"""Losses: distillation into a grown classifier, and contrastive representation learning."""
+"""Losses: distillation into a grown classifier, contrastive representation learning, and
+balanced losses for long-tailed training."""
 
 from __future__ import annotations
 
@@ -88,3 +89,123 @@ class GCDContrastive(nn.Module):
                 view1[labeled], view2[labeled], labels[labeled]
             )
         return loss
+
+
+# --- Long-tail losses. Class counts come from the training split: the graphs call a loss
+# --- factory (the class, bound in gin without "()") with ``class_counts``.
+
+
+def _counts(class_counts) -> torch.Tensor:
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if counts.ndim != 1 or len(counts) == 0:
+        raise ValueError(f"class_counts must be a non-empty 1-d sequence, got shape {tuple(counts.shape)}")
+    if (counts <= 0).any():
+        empty = torch.nonzero(counts <= 0).squeeze(1).tolist()
+        raise ValueError(f"classes {empty} have no training images: a balanced loss needs every "
+                         "class at least once (drop the class or give it an image)")
+    return counts
+
+
+def effective_number_weights(class_counts, beta: float) -> torch.Tensor:
+    """Class-balanced weights by effective number (Cui et al., CVPR 2019):
+    ``w_c ∝ (1 - β) / (1 - β^n_c)``, normalized to sum to the number of classes."""
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    counts = _counts(class_counts)
+    weights = (1 - beta) / (1 - beta ** counts)
+    return (weights / weights.sum() * len(counts)).float()
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax focal loss (Lin et al., ICCV 2017), ``-(1 - p_t)^γ log p_t``, optionally times
+    ``weight[target]``; mean over the batch (not over the weights, as Cui et al. define it)."""
+    log_p = F.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+    loss = -log_p if gamma == 0 else -((1 - log_p.exp()) ** gamma) * log_p
+    if weight is not None:
+        loss = loss * weight[targets]
+    return loss.mean()
+
+
+@gin.configurable
+class LogitAdjustedLoss(nn.Module):
+    """Logit-adjusted cross-entropy (Menon et al., ICLR 2021): ``CE(z + τ · log π, y)`` with
+    ``π`` the training class prior, so rare classes must win by a larger margin."""
+
+    def __init__(self, class_counts, tau: float = 1.0) -> None:
+        super().__init__()
+        counts = _counts(class_counts)
+        self.tau = tau
+        self.register_buffer("offset", (tau * torch.log(counts / counts.sum())).float())
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits + self.offset, targets)
+
+
+@gin.configurable
+class BalancedSoftmaxLoss(LogitAdjustedLoss):
+    """Balanced Softmax (Ren et al., NeurIPS 2020): ``CE(z + log n_c, y)``, which is logit
+    adjustment with ``τ = 1`` (``log n_c`` and ``log π_c`` differ by a constant)."""
+
+    def __init__(self, class_counts) -> None:
+        super().__init__(class_counts, tau=1.0)
+
+
+@gin.configurable
+class LDAMLoss(nn.Module):
+    """LDAM with deferred re-weighting (Cao et al., NeurIPS 2019).
+
+    The target logit is lowered by ``Δ_y ∝ n_y^(-1/4)`` (the largest margin is ``max_margin``)
+    and the logits are scaled by ``s``: ``CE(s · (z - Δ_y 1_y), y)``. Cao et al. use it with a
+    cosine classifier (``Network.classifier = @CosineLinear``). DRW: from epoch
+    ``drw_start · T`` on, classes are weighted by effective number with ``β`` (the graph calls
+    :meth:`set_epoch`); before that all weights are 1.
+    """
+
+    def __init__(self, class_counts, max_margin: float = 0.5, scale: float = 30.0,
+                 drw_start: float | None = 0.8, beta: float = 0.9999) -> None:
+        super().__init__()
+        counts = _counts(class_counts)
+        margins = counts ** -0.25
+        self.register_buffer("margins", (margins * (max_margin / margins.max())).float())
+        self.register_buffer("drw_weights", effective_number_weights(counts, beta))
+        self.scale, self.drw_start = scale, drw_start
+        self.reweighting = False
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """``epoch`` counts from 0 of ``epochs``; re-weighting starts at ``int(drw_start · epochs)``."""
+        self.reweighting = self.drw_start is not None and epoch >= int(self.drw_start * epochs)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        margin = torch.zeros_like(logits).scatter_(1, targets[:, None], self.margins[targets, None])
+        weight = self.drw_weights if self.reweighting else None
+        return F.cross_entropy(self.scale * (logits - margin), targets, weight=weight)
+
+
+@gin.configurable
+class ClassBalancedLoss(nn.Module):
+    """Class-balanced loss (Cui et al., CVPR 2019): each sample's loss times the effective-number
+    weight of its class; softmax cross-entropy, or softmax focal loss when ``gamma > 0``."""
+
+    def __init__(self, class_counts, beta: float = 0.9999, gamma: float = 0.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weights", effective_number_weights(class_counts, beta))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return focal_loss(logits, targets, self.gamma, self.weights)
+
+
+@gin.configurable
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al., ICCV 2017), softmax form: ``-(1 - p_t)^γ log p_t``; ``γ = 0`` is
+    cross-entropy. Needs no class counts: bind it with ``()``."""
+
+    def __init__(self, gamma: float = 2.0) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return focal_loss(logits, targets, self.gamma)

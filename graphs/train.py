@@ -60,6 +60,31 @@ def _fit(
     return engine
 
 
+def make_loss(loss: nn.Module | Callable[..., nn.Module] | None, images: ImageSet,
+              num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``None`` is cross-entropy; an ``nn.Module`` is used as is; any other callable is a loss
+    factory called with the training split's ``class_counts`` (``train.loss = @LDAMLoss``)."""
+    if loss is None:
+        return F.cross_entropy
+    if isinstance(loss, nn.Module):
+        return loss
+    counts = torch.bincount(images.targets, minlength=num_classes)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).squeeze(1).tolist()
+        raise ValueError(f"{images.name} has no image of classes {missing}, which the model "
+                         "predicts: a balanced loss needs each class at least once")
+    return loss(class_counts=counts.tolist())
+
+
+def _follow_epochs(engine: Engine, target: object) -> None:
+    """Tell ``target`` (a loss with a schedule, e.g. LDAM's deferred re-weighting) each epoch."""
+    if hasattr(target, "set_epoch"):
+        engine.add_event_handler(
+            Events.EPOCH_STARTED,
+            lambda e: target.set_epoch(e.state.epoch - 1, e.state.max_epochs),
+        )
+
+
 @gin.configurable(denylist=["model", "images", "augment", "device", "on_first_step"])
 def train(
     model: nn.Module,
@@ -69,23 +94,30 @@ def train(
     epochs: int = 30,
     batch_size: int = 64,
     sampler: str = "class_balanced",
+    loss: nn.Module | Callable[..., nn.Module] | None = None,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
     seed: int = 0,
     on_first_step: Callable[[], None] | None = None,
 ) -> Engine:
-    """Train ``model`` on labeled images with cross-entropy on augmented batches."""
+    """Train ``model`` on labeled images with ``loss`` (cross-entropy by default, or a balanced
+    loss built from the split's class counts, see :func:`make_loss`) on augmented batches drawn
+    by ``sampler`` (``instance``, ``class_balanced``, ``sqrt`` or ``progressive``)."""
     model.to(device)
     opt = optimizer(model.parameters())
+    criterion = make_loss(loss, images, getattr(model, "num_classes", 0))
+    if isinstance(criterion, nn.Module):
+        criterion.to(device)
 
     def update(engine: Engine, batch) -> dict[str, float]:
         x, y = _batch(batch, device, model, augment)
         # encode, not forward: the projector's BatchNorm statistics follow the features even
         # though only the classifier is trained here.
-        loss = F.cross_entropy(model.encode(augment(x))["logits"], y)
-        return _step(opt, loss)
+        return _step(opt, criterion(model.encode(augment(x))["logits"], y))
 
-    loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
-    return _fit(Engine(update), loader, opt, epochs, f"train {images.name}", on_first_step)
+    loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed, epochs=epochs)
+    engine = Engine(update)
+    _follow_epochs(engine, criterion)
+    return _fit(engine, loader, opt, epochs, f"train {images.name}", on_first_step)
 
 
 @gin.configurable(denylist=["student", "teacher", "images", "augment", "device"])

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import gin
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torchvision.transforms.v2 import functional as F
 
 from components.data.sources import ImageSet
@@ -44,10 +44,81 @@ def _keep_batch(batch):
     return batch
 
 
+def class_counts(targets: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Images per class ``0..num_classes-1`` (default: up to the largest label)."""
+    return torch.bincount(targets, minlength=num_classes or 0)
+
+
 def class_balanced_weights(targets: torch.Tensor) -> torch.Tensor:
     """Per-sample weights ``1 / n_class``: every class is drawn equally often."""
     counts = torch.bincount(targets)
     return 1.0 / counts[targets].double()
+
+
+def class_power_weights(targets: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-sample weights that draw class ``c`` with probability ``∝ n_c ** q`` (Kang et al.,
+    ICLR 2020, eq. 1): ``q = 1`` instance, ``q = 1/2`` square-root, ``q = 0`` class-balanced."""
+    counts = torch.bincount(targets).double()
+    return counts[targets] ** (q - 1.0)
+
+
+class ProgressivelyBalancedSampler(Sampler[int]):
+    """Progressively-balanced sampling (Kang et al., ICLR 2020): in epoch ``t`` of ``T`` class
+    ``c`` is drawn with probability ``(1 - t/T) · n_c/N + (t/T) · 1/C`` (``t = 0..T-1``), moving
+    from instance towards class-balanced sampling over training.
+
+    Each ``iter()`` is one epoch (a DataLoader asks once per epoch); :meth:`set_epoch` sets it
+    explicitly, as with ``DistributedSampler``.
+    """
+
+    def __init__(self, targets: torch.Tensor, epochs: int, num_samples: int | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        if epochs < 1:
+            raise ValueError(f"progressive sampling needs epochs >= 1, got {epochs}")
+        self.targets, self.epochs = targets, epochs
+        self.num_samples = num_samples or len(targets)
+        self.generator = generator
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def class_probabilities(self, epoch: int) -> torch.Tensor:
+        counts = torch.bincount(self.targets).double()
+        present = counts > 0
+        t = min(epoch / self.epochs, 1.0)
+        return (1 - t) * counts / counts.sum() + t * present / present.sum()
+
+    def __iter__(self):
+        probs = self.class_probabilities(self.epoch)
+        counts = torch.bincount(self.targets).double()
+        weights = (probs / counts.clamp_min(1))[self.targets]
+        self.epoch += 1
+        yield from torch.multinomial(weights, self.num_samples, True, generator=self.generator).tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+SAMPLERS = ("instance", "class_balanced", "sqrt", "progressive")
+
+
+def make_sampler(targets: torch.Tensor, sampler: str, generator: torch.Generator | None = None,
+                 epochs: int | None = None) -> Sampler[int] | None:
+    """The sampler named ``sampler`` over ``targets``, drawing ``len(targets)`` per epoch;
+    ``None`` for ``'instance'`` (plain shuffling)."""
+    n = len(targets)
+    if sampler == "instance":
+        return None
+    if sampler == "class_balanced":
+        return WeightedRandomSampler(class_balanced_weights(targets), n, True, generator=generator)
+    if sampler == "sqrt":
+        return WeightedRandomSampler(class_power_weights(targets, 0.5), n, True, generator=generator)
+    if sampler == "progressive":
+        if epochs is None:
+            raise ValueError("the 'progressive' sampler needs the number of epochs (epochs=...)")
+        return ProgressivelyBalancedSampler(targets, epochs, n, generator)
+    raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
 
 
 @gin.configurable(denylist=["images"])
@@ -58,21 +129,16 @@ def image_loader(
     sampler: str = "instance",
     drop_last: bool = False,
     seed: int | None = None,
+    epochs: int | None = None,
 ) -> DataLoader:
     """A DataLoader yielding ``(uint8 images, targets, indices)`` batches.
 
-    ``sampler`` is ``'instance'`` (each image once per epoch, shuffled) or ``'class_balanced'``
-    (Kang et al., ICLR 2020: a class uniformly, then one of its images uniformly).
+    ``sampler`` is ``'instance'`` (each image once per epoch, shuffled), ``'class_balanced'``
+    (a class uniformly, then one of its images), ``'sqrt'`` (classes ``∝ sqrt(n_c)``) or
+    ``'progressive'`` (instance → class-balanced over ``epochs``); see :func:`make_sampler`.
     """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    if sampler == "instance":
-        chosen = None
-    elif sampler == "class_balanced":
-        chosen = WeightedRandomSampler(
-            class_balanced_weights(images.targets), len(images), True, generator=generator
-        )
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}: use 'instance' or 'class_balanced'")
+    chosen = make_sampler(images.targets, sampler, generator, epochs)
     return DataLoader(
         BatchedImages(images),
         batch_size=batch_size,

@@ -25,18 +25,25 @@ class SmallConvNet(nn.Module):
     """Three conv-BN-ReLU stages with 2×2 pooling between them and global average pooling.
 
     Fast on CPU for 8×8 digits and 28×28 Fashion-MNIST; ``out_dim = 4 * width``.
+    ``channels_last=True`` runs the convolutions in NHWC memory layout, about 1.5× faster on
+    CPU for 28×28 images (same maths, different rounding).
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 32) -> None:
+    def __init__(self, in_channels: int = 1, width: int = 32, channels_last: bool = False) -> None:
         super().__init__()
         self.out_dim = 4 * width
+        self.channels_last = channels_last
         self.body = nn.Sequential(
             _block(in_channels, width), _block(width, width), nn.MaxPool2d(2),
             _block(width, 2 * width), _block(2 * width, 2 * width), nn.MaxPool2d(2),
             _block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
+        if channels_last:
+            self.body.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x)
 
 

@@ -30,11 +30,12 @@ class MLPProjector(nn.Module):
 class GrowingLinear(nn.Module):
     """A linear classifier that can grow by ``k`` classes, keeping the rows it already has."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
         self.in_features = in_features
-        layer = nn.Linear(in_features, out_features)
-        self.weight, self.bias = layer.weight, layer.bias
+        layer = nn.Linear(in_features, out_features, bias=bias)
+        self.weight = layer.weight
+        self.bias = layer.bias  # None without bias
 
     @property
     def out_features(self) -> int:
@@ -58,10 +59,67 @@ class GrowingLinear(nn.Module):
                 raise ValueError(f"rows must have shape {tuple(new_w.shape)}, got {tuple(rows.shape)}")
             scale = self.weight.norm(dim=1).mean() / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
             new_w.copy_(rows * scale)
-        new_b = torch.full((k,), float(self.bias.mean()), device=self.bias.device, dtype=self.bias.dtype)
         self.weight = nn.Parameter(torch.cat([self.weight, new_w]))
-        self.bias = nn.Parameter(torch.cat([self.bias, new_b]))
+        if self.bias is not None:
+            new_b = torch.full((k,), float(self.bias.mean()), device=self.bias.device,
+                               dtype=self.bias.dtype)
+            self.bias = nn.Parameter(torch.cat([self.bias, new_b]))
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+@gin.configurable
+class CosineLinear(GrowingLinear):
+    """Cosine classifier: ``cos(x, w_c)`` per class, no bias (the normalized linear layer LDAM
+    uses, Cao et al. 2019; the loss supplies the scale)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
+
+
+@gin.configurable
+class CausalNormClassifier(GrowingLinear):
+    """The de-confounded classifier of causal TDE (Tang et al., NeurIPS 2020).
+
+    Features and weights are split into ``num_heads`` parts; per head,
+    ``logit_c = (τ / K) · (x / ||x||) · w_c / (||w_c|| + γ)``, summed over heads. In training
+    mode it keeps the moving average of the features it sees (``direction``, momentum ``μ``:
+    ``d ← μ d + mean(x)``). In eval mode with ``alpha > 0`` it returns the total direct
+    effect: the counterfactual part along the head direction is removed,
+    ``x̂ − α · cos(x̂, d̂) · d̂`` with ``x̂, d̂`` unit vectors, before the product with ``w``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_heads: int = 2, tau: float = 16.0,
+                 gamma: float = 1 / 32, momentum: float = 0.9, alpha: float = 0.0) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        if in_features % num_heads:
+            raise ValueError(f"in_features {in_features} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.tau, self.gamma = num_heads, tau, gamma
+        self.momentum, self.alpha = momentum, alpha
+        self.register_buffer("direction", torch.zeros(in_features))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(*t.shape[:-1], self.num_heads, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.direction.mul_(self.momentum).add_(x.detach().mean(0))
+        w = self._heads(self.weight)
+        w = w / (w.norm(dim=-1, keepdim=True) + self.gamma)  # [C, K, d]
+        nx = nn.functional.normalize(self._heads(x), dim=-1)  # [B, K, d]
+        if not self.training and self.alpha:
+            nd = nn.functional.normalize(self._heads(self.direction), dim=-1)  # [K, d]
+            cos = (nx * nd).sum(-1, keepdim=True)  # [B, K, 1]
+            nx = nx - self.alpha * cos * nd
+        return (self.tau / self.num_heads) * torch.einsum("bkd,ckd->bc", nx, w)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, num_heads={self.num_heads}, tau={self.tau}, "
+                f"gamma={self.gamma}, alpha={self.alpha}")

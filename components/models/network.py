@@ -16,7 +16,9 @@ class Network(nn.Module):
     """``backbone`` features feed a linear classifier over the known classes and a projector
     (the space for contrastive learning and clustering).
 
-    ``projector`` is a factory taking the feature width, so its sizes can be bound in gin.
+    ``projector`` is a factory taking the feature width, so its sizes can be bound in gin;
+    ``classifier`` one taking (width, classes): :class:`GrowingLinear`, :class:`CosineLinear`
+    or :class:`CausalNormClassifier`.
     ``forward`` returns logits; :meth:`encode` returns features, projections and logits.
     """
 
@@ -25,13 +27,14 @@ class Network(nn.Module):
         backbone: nn.Module = gin.REQUIRED,
         num_classes: int = gin.REQUIRED,
         projector: Callable[[int], nn.Module] = MLPProjector,
+        classifier: Callable[[int, int], GrowingLinear] = GrowingLinear,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.backbone = backbone
         self.projector = projector(backbone.out_dim)
-        self.classifier = GrowingLinear(backbone.out_dim, num_classes)
+        self.classifier = classifier(backbone.out_dim, num_classes)
 
     @property
     def num_classes(self) -> int:
