@@ -4,4 +4,15 @@ Importing the package registers every component with gin; each one also works wh
 directly from Python with no gin file parsed.
 """
 
-from components import cache, data, external, kmeans, losses, metrics, models, pool, scores  # noqa: F401
+from components import (  # noqa: F401
+    cache,
+    data,
+    external,
+    kmeans,
+    losses,
+    metrics,
+    models,
+    pool,
+    recalibration,
+    scores,
+)

@@ -100,6 +100,8 @@ class FeatureCache:
         return path
 
     def get(self, key: str, encode: Callable[[], dict[str, np.ndarray]], **attrs: str):
+        """The arrays stored under ``key``, or ``encode()``'s, stored with ``attrs`` (strings
+        such as the model and data fingerprints, checked later by :func:`read_checked`)."""
         cached = self.load(key)
         if cached is not None:
             self.hits += 1
@@ -108,3 +110,31 @@ class FeatureCache:
         arrays = {k: np.asarray(v) for k, v in encode().items()}
         self.save(key, arrays, **attrs)
         return arrays
+
+
+class CacheMismatch(ValueError):
+    """A cache file was written for another model, split or preprocessing than expected."""
+
+
+WHAT = {"model": "model weights", "data": "data split", "preprocess": "preprocessing"}
+
+
+def read_checked(path: str | Path, **expected: str) -> dict[str, np.ndarray]:
+    """Read a complete cache file, refusing it when one of its stored fingerprints
+    (``model``, ``data``, ``preprocess`` …) differs from ``expected``; the message says which."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no feature cache at {path}: run the encode step (or the graph "
+                                "that writes it) first")
+    with h5py.File(path, "r") as f:
+        if not f.attrs.get("complete", False):
+            raise CacheMismatch(f"{path} is incomplete (a crashed write?): delete it and re-encode")
+        for key, want in expected.items():
+            got = f.attrs.get(key)
+            if got != want:
+                raise CacheMismatch(
+                    f"{path} was written for other {WHAT.get(key, key)}: its {key} fingerprint is "
+                    f"{str(got)[:12]}…, expected {want[:12]}… Re-encode with this model and split "
+                    "instead of reusing this file."
+                )
+        return {name: f[name][()] for name in f.keys()}

@@ -3,7 +3,7 @@
 * clustering accuracy: one Hungarian assignment over all evaluated samples, then accuracy on
   the old subset, the new subset and all; a class-balanced variant; NMI and ARI beside it;
 * many / medium / few-shot: classes with > 100, 20..100, < 20 training images, each group the
-  mean of its per-class accuracies;
+  mean of its per-class accuracies; tail-3: the mean accuracy of the 3 rarest classes;
 * novelty: new-class samples are positives; AUROC, FPR at 95 % TPR, AUPR;
 * pool precision (share of new among pooled) and recall (share of the stream's new pooled).
 
@@ -66,6 +66,23 @@ def shot_accuracy(y_true, y_pred, train_counts: Sequence[int]) -> dict[str, floa
     acc = per_class_accuracy(y_true, y_pred, range(len(counts)))
     groups = {"many": counts > 100, "medium": (counts >= 20) & (counts <= 100), "few": counts < 20}
     return {g: float(np.nanmean(acc[m])) if m.any() else float("nan") for g, m in groups.items()}
+
+
+def longtail_accuracy(y_true, y_pred, train_counts: Sequence[int], tail: int = 3) -> dict:
+    """Accuracy of a long-tailed classifier on a test set of the classes
+    ``0..len(train_counts)-1``: overall, many / medium / few-shot (:func:`shot_accuracy`), the
+    mean accuracy of the ``tail`` classes with the fewest training images (``tail3``), and the
+    per-class accuracies in class order."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    counts = np.asarray(train_counts)
+    per_class = per_class_accuracy(y_true, y_pred, range(len(counts)))
+    rarest = np.argsort(counts, kind="stable")[:tail]
+    return {
+        "all": float((y_true == y_pred).mean()),
+        **shot_accuracy(y_true, y_pred, counts),
+        f"tail{tail}": float(np.nanmean(per_class[rarest])),
+        "per_class": per_class.tolist(),
+    }
 
 
 def novelty_metrics(scores, is_new) -> dict[str, float]:

@@ -1,5 +1,7 @@
 """Graphs: how the components flow. Each builds Ignite engines from the components it is given."""
 
+from graphs import recalibrate
 from graphs.lifecycle import lifecycle
+from graphs.longtail import longtail, recalibrate_run
 
-__all__ = ["lifecycle"]
+__all__ = ["lifecycle", "longtail", "recalibrate", "recalibrate_run"]

@@ -12,6 +12,18 @@ from components.data import ImageSet, image_loader
 from graphs.handlers import progress
 
 
+def cache_entry(model: nn.Module, images: ImageSet, augment: nn.Module, views: int = 0,
+                seed: int = 0) -> tuple[str, dict[str, str]]:
+    """The cache key of encoding ``images`` with ``model``, and the fingerprints stored with it
+    (``model``, ``data``, ``preprocess``) so a reader can check what the file holds."""
+    parts = {
+        "model": model_fingerprint(model),
+        "data": data_fingerprint(images.images, images.targets, images.name),
+        "preprocess": repr(augment.eval()) + (f"; {views} augmented views, seed {seed}" if views else ""),
+    }
+    return fingerprint(**parts), parts
+
+
 def encode(
     model: nn.Module,
     images: ImageSet,
@@ -19,14 +31,17 @@ def encode(
     cache: FeatureCache,
     device: torch.device,
     batch_size: int = 512,
+    views: int = 0,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """``features``, ``projected``, ``logits``, ``targets`` and ``ids`` (row in ``images``) of
-    every image, from the cache when this model, data and preprocessing were encoded before."""
-    key = fingerprint(
-        model=model_fingerprint(model),
-        data=data_fingerprint(images.images, images.targets, images.name),
-        preprocess=repr(augment.eval()),
-    )
+    every image, from the cache when this model, data and preprocessing were encoded before.
+
+    ``views=0`` encodes each image once with eval-mode preprocessing. ``views=V`` encodes ``V``
+    randomly augmented copies of each image (the augmentation in training mode, the model in
+    eval mode, drawn from ``seed``); rows are stacked view by view, ``ids`` says which image.
+    """
+    key, parts = cache_entry(model, images, augment, views, seed)
 
     def run() -> dict[str, np.ndarray]:
         model.to(device).eval()
@@ -42,8 +57,15 @@ def encode(
                 parts.setdefault(name, []).append(value.detach().cpu())
 
         engine = Engine(step)
-        with progress(engine, f"encode {images.name}", show=None):
-            engine.run(image_loader(images, batch_size, shuffle=False))
+        with progress(engine, f"encode {images.name}", show=None), torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []
+        ):
+            if views:
+                torch.manual_seed(seed)
+                augment.train()
+            for _ in range(max(views, 1)):
+                engine.run(image_loader(images, batch_size, shuffle=False))
+        augment.eval()
         return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
 
-    return cache.get(key, run, dataset=images.name)
+    return cache.get(key, run, dataset=images.name, **parts)

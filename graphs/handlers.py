@@ -11,8 +11,10 @@ from typing import Any
 
 import gin
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
 
 console = Console(stderr=True)
 
@@ -79,3 +81,13 @@ class RunDir:
     def save_operative_config(self) -> Path:
         """Write what gin actually bound so far (it lists only configurables that were called)."""
         return self.write_text("operative_config.gin", gin.operative_config_str())
+
+
+def save_checkpoint(run_dir: RunDir, model: nn.Module, engine: Engine, name: str) -> Path:
+    """Save ``model`` with Ignite's ``Checkpoint`` and ``DiskSaver`` (which writes to a temporary
+    file and renames it into place) under ``<run_dir>/checkpoints``; return the file's path.
+    Load it with ``Checkpoint.load_objects({"model": m}, torch.load(path, weights_only=True))``."""
+    folder = run_dir.file("checkpoints")
+    checkpoint = Checkpoint({"model": model}, DiskSaver(folder, require_empty=False), filename_prefix=name)
+    checkpoint(engine)
+    return folder / checkpoint.last_checkpoint

@@ -13,8 +13,6 @@ import gin
 import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine
-from ignite.handlers import Checkpoint, DiskSaver
 from ignite.utils import manual_seed
 from torch import nn
 
@@ -24,14 +22,9 @@ from components.metrics import clustering_accuracy, novelty_metrics, pool_qualit
 from components.pool import SamplePool
 from graphs.encode import encode
 from graphs.evaluate import evaluate
-from graphs.handlers import RunDir, console
+from graphs.handlers import RunDir, console, save_checkpoint
 from graphs.online import online
 from graphs.train import adapt, distill, train
-
-
-def _checkpoint(run_dir: RunDir, model: nn.Module, engine: Engine, name: str) -> None:
-    saver = DiskSaver(run_dir.file("checkpoints"), require_empty=False)
-    Checkpoint({"model": model}, saver, filename_prefix=name)(engine)
 
 
 @gin.configurable(denylist=["run_dir"])
@@ -67,7 +60,7 @@ def lifecycle(
     teacher = model(num_classes=protocol.n_old)
     trainer = train(teacher, protocol.labeled, augment, device,
                     on_first_step=run_dir.save_operative_config)
-    _checkpoint(run_dir, teacher, trainer, "teacher")
+    save_checkpoint(run_dir, teacher, trainer, "teacher")
 
     # 2. online: score the stream, pool low-confidence samples
     cached = {s: encode(teacher, getattr(protocol, s), augment, cache, device)
@@ -118,7 +111,7 @@ def lifecycle(
     )
     distiller = distill(student, teacher, taught, augment, device)
     pool.remove(ids)
-    _checkpoint(run_dir, student, distiller, "student")
+    save_checkpoint(run_dir, student, distiller, "student")
 
     # 5. evaluate both models on held-out test images
     after = evaluate(encode(student, protocol.test, augment, cache, device),

@@ -1,4 +1,4 @@
-"""The end-of-run table (rich) for the metrics the lifecycle graph returns."""
+"""The end-of-run tables (rich) for the metrics the lifecycle and long-tail graphs return."""
 
 from __future__ import annotations
 
@@ -36,5 +36,18 @@ def metrics_table(m: dict) -> Table:
     return table
 
 
+def longtail_table(metrics: dict) -> Table:
+    table = Table(title=f"{metrics['protocol']} (seed {metrics['seed']}, {metrics['seconds']:.0f} s)")
+    for column in ("method", "all", "many", "medium", "few", "tail-3", "chosen", "seconds"):
+        table.add_column(column, justify="left" if column in ("method", "chosen") else "right")
+
+    for name, row in metrics["methods"].items():
+        chosen = ", ".join(f"{k}={v:g}" for k, v in row["info"].items() if isinstance(v, (int, float)))
+        table.add_row(name, *(_pct(row[k]) for k in ("all", "many", "medium", "few", "tail3")),
+                      chosen, f"{row['seconds']:.2f}")
+    return table
+
+
 def show_metrics(m: dict) -> None:
-    console.print(metrics_table(m))
+    """Print the end-of-run table of a lifecycle or a long-tail run."""
+    console.print(longtail_table(m) if "methods" in m else metrics_table(m))

@@ -77,6 +77,7 @@ class ProtocolData:
     n_new: int
     train_counts: list[int]  # labeled images per old class
     name: str = "protocol"
+    val: ImageSet | None = None  # balanced held-out images of the old classes, if asked for
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +95,7 @@ def make_protocol(
     halve: bool = True,
     seed: int = 0,
     name: str = "protocol",
+    val_per_class: int = 0,
     source_sets: tuple[ImageSet, ImageSet] | None = None,
 ) -> ProtocolData:
     """Build the labeled set, the stream and the test set by the split rule of DESIGN.md.
@@ -101,6 +103,11 @@ def make_protocol(
     ``source`` returns ``(train, test)``. ``halve=False`` labels the whole training set
     (long-tailed) and leaves the stream empty (the ``fmnist-lt`` protocol). ``n_max`` defaults
     to the smallest first-half (or class) size among the old classes.
+
+    ``val_per_class > 0`` also holds out a class-balanced validation set of that many images per
+    old class, taken from the first-half images the long-tail profile left out (as ImageNet-LT's
+    balanced validation set was drawn from what the subsampling left); it never overlaps the
+    labeled set, the stream or the test set.
     """
     train, test = source_sets if source_sets is not None else source()
     all_classes = sorted(int(c) for c in torch.unique(train.targets))
@@ -142,6 +149,17 @@ def make_protocol(
         return ImageSet(subset.images, remap[subset.targets], names, subset.name)
 
     labeled_index = np.concatenate([first[c][:n] for c, n in zip(old, counts, strict=True)])
+    val = None
+    if val_per_class > 0:
+        spare = {c: first[c][n:] for c, n in zip(old, counts, strict=True)}
+        short = {train.classes[c]: len(v) for c, v in spare.items() if len(v) < val_per_class}
+        if short:
+            raise ValueError(
+                f"val_per_class={val_per_class} but these classes have fewer images left after "
+                f"long-tail subsampling: {short}; lower val_per_class or n_max"
+            )
+        val_index = np.concatenate([spare[c][:val_per_class] for c in old])
+        val = remapped(train.subset(val_index, f"{name}/val"))
     stream_index = np.concatenate([second[c] for c in all_classes]) if halve else np.array([], int)
     stream_index = rng.permutation(stream_index)
     keep_test = torch.isin(test.targets, torch.tensor(order))
@@ -154,4 +172,5 @@ def make_protocol(
         n_new=len(new),
         train_counts=counts,
         name=name,
+        val=val,
     )

@@ -1,0 +1,127 @@
+"""Classifier recalibration for long-tailed data: heads that map cached features to logits.
+
+Each head wraps a trained classifier (a :class:`~components.models.GrowingLinear` or one of its
+subclasses) and changes only how its logits are formed, so it runs on features read from the
+HDF5 cache without touching images:
+
+* :class:`TauNormalized` — τ-normalization (Kang et al., ICLR 2020);
+* :class:`WeightScaled` — learnable weight scaling, LWS (Kang et al., ICLR 2020);
+* :class:`PriorAdjusted` — post-hoc logit adjustment (Menon et al., ICLR 2021);
+* :func:`counterfactual` — causal TDE at inference (Tang et al., NeurIPS 2020).
+
+cRT (re-training the classifier on features with class-balanced sampling) and the choice of
+τ or α on a validation split need a training loop or a search; they live in
+``graphs/recalibrate.py``, which uses :func:`select_on_validation` from here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from components.models.heads import CausalNormClassifier, GrowingLinear
+
+
+class TauNormalized(nn.Module):
+    """τ-normalized classifier: each weight row divided by its norm to the power τ,
+    ``w_c / ||w_c||^τ`` (Kang et al., ICLR 2020). ``τ = 0`` is the plain classifier without
+    bias, ``τ = 1`` a cosine-like classifier. The bias is dropped, as in Kang et al.'s τ-norm
+    evaluation: it is learned under the imbalanced prior and would bring the imbalance back."""
+
+    def __init__(self, classifier: GrowingLinear, tau: float) -> None:
+        super().__init__()
+        weight = classifier.weight.detach()
+        self.tau = tau
+        self.register_buffer("weight", weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12) ** tau)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight.T
+
+
+class WeightScaled(nn.Module):
+    """Learnable weight scaling, LWS (Kang et al., ICLR 2020): the classifier is frozen and one
+    scale per class is learned (with class-balanced sampling), ``logit_c = f_c · (w_c·x + b_c)``.
+    The scales start at 1, so an untrained head equals the classifier."""
+
+    def __init__(self, classifier: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.classifier = copy.deepcopy(classifier).eval().requires_grad_(False)
+        self.scales = nn.Parameter(torch.ones(num_classes))
+
+    def train(self, mode: bool = True) -> WeightScaled:  # the wrapped classifier stays in eval mode
+        super().train(mode)
+        self.classifier.eval()
+        return self
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features) * self.scales
+
+
+class PriorAdjusted(nn.Module):
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021): ``z_c - τ · log π_c`` with ``π`` the
+    training class prior; ``τ = 1`` is the Bayes-optimal correction for a balanced test set."""
+
+    def __init__(self, classifier: nn.Module, class_counts: Sequence[int], tau: float = 1.0) -> None:
+        super().__init__()
+        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+        if (counts <= 0).any():
+            raise ValueError("post-hoc logit adjustment needs every class in training, got counts "
+                             f"{counts.tolist()}")
+        self.classifier = copy.deepcopy(classifier).eval().requires_grad_(False)
+        self.tau = tau
+        self.register_buffer("offset", (tau * torch.log(counts / counts.sum())).float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features) - self.offset
+
+
+def counterfactual(classifier: nn.Module, alpha: float) -> CausalNormClassifier:
+    """Causal TDE (Tang et al., NeurIPS 2020): a copy of a trained :class:`CausalNormClassifier`
+    that, in eval mode, removes ``alpha`` times the feature's projection on the moving-average
+    direction learned in training. ``alpha = 0`` is the plain classifier."""
+    if not isinstance(classifier, CausalNormClassifier):
+        raise TypeError(
+            f"TDE needs a classifier trained as CausalNormClassifier (it learns the moving-average "
+            f"feature direction), got {type(classifier).__name__}: bind "
+            "'Network.classifier = @CausalNormClassifier' for training"
+        )
+    if not classifier.direction.any():
+        raise ValueError("the CausalNormClassifier has no moving-average direction: it was never "
+                         "run in training mode")
+    head = copy.deepcopy(classifier).eval().requires_grad_(False)
+    head.alpha = alpha
+    return head
+
+
+@torch.no_grad()
+def accuracy_of(head: nn.Module, features: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean per-class accuracy of ``head`` on ``features`` (equal to accuracy on a balanced set)."""
+    head.eval()
+    pred = head(features).argmax(1)
+    classes = torch.unique(targets)
+    return float(torch.stack([(pred[targets == c] == c).float().mean() for c in classes]).mean())
+
+
+def select_on_validation(
+    make_head: Callable[[float], nn.Module], grid: Sequence[float], features: torch.Tensor,
+    targets: torch.Tensor, num_classes: int,
+) -> tuple[float, nn.Module, dict[float, float]]:
+    """Build ``make_head(value)`` for each value of ``grid`` and keep the one with the best mean
+    per-class accuracy on the validation ``features``; ties go to the earlier value.
+
+    Returns ``(best value, its head, {value: validation accuracy})``. A validation split that
+    lacks some class cannot rank heads for that class: it is refused.
+    """
+    if len(grid) == 0:
+        raise ValueError("the search grid is empty")
+    present = set(torch.unique(targets).tolist())
+    missing = sorted(set(range(num_classes)) - present)
+    if missing:
+        raise ValueError(f"the validation split has no image of classes {missing}: hold out at "
+                         "least one image per class (make_protocol.val_per_class)")
+    scores = {float(v): accuracy_of(make_head(v), features, targets) for v in grid}
+    best = max(scores, key=lambda v: (scores[v], -list(scores).index(v)))
+    return best, make_head(best), scores
