@@ -26,13 +26,26 @@ REPORTED = [
 ]
 
 
+LONGTAIL = ("all", "many", "medium", "few", "tail3")
+
+
+def _stats(values: Sequence[float]) -> dict:
+    values = np.array(values, float)
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values.tolist()}
+
+
 def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Mean, std and per-seed values of each reported metric; a long-tail run reports every
+    method's overall, many / medium / few and tail-3 accuracy (``"<method>.<metric>"``)."""
+    if "methods" in runs[0]:
+        out = {f"{method}.{key}": _stats([r["methods"][method][key] for r in runs])
+               for method in runs[0]["methods"] for key in LONGTAIL}
+        out["seconds"] = _stats([r["seconds"] for r in runs])
+        return out
     out = {}
     for group, key in REPORTED:
-        values = np.array([r[group] if key is None else r[group][key] for r in runs], float)
         name = group if key is None else f"{group}.{key}"
-        out[name] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                     "values": values.tolist()}
+        out[name] = _stats([r[group] if key is None else r[group][key] for r in runs])
     return out
 
 

@@ -1,0 +1,473 @@
+"""The long-tail toolkit: samplers, balanced losses and recalibration, each against a case
+computed by hand on tiny tensors; the long-tail graph and its cache checks end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components.cache import CacheMismatch, FeatureCache, read_checked  # noqa: F401
+from components.data import BatchAugment, ImageSet, digits, make_protocol
+from components.data.loading import ProgressivelyBalancedSampler, class_power_weights, make_sampler
+from components.losses import (
+    BalancedSoftmaxLoss,
+    ClassBalancedLoss,
+    FocalLoss,
+    LDAMLoss,
+    LogitAdjustedLoss,
+    effective_number_weights,
+)
+from components.metrics import longtail_accuracy
+from components.models import CausalNormClassifier, CosineLinear, GrowingLinear, Network, SmallConvNet
+from components.recalibration import (
+    PriorAdjusted,
+    TauNormalized,
+    WeightScaled,
+    counterfactual,
+    select_on_validation,
+)
+from components.run import CONFIG_ERROR, main
+from graphs.encode import encode
+from graphs.recalibrate import crt, fit_head, lws
+from graphs.train import make_loss, train
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(targets: torch.Tensor, classes: int) -> ImageSet:
+    """Random 8×8 uint8 images with the given labels."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (len(targets), 1, 8, 8), dtype=torch.uint8, generator=g)
+    return ImageSet(images, targets, [str(c) for c in range(classes)], "tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# samplers
+
+
+def test_sqrt_sampler_draws_classes_in_proportion_to_sqrt_counts():
+    targets = torch.tensor([0] * 9 + [1])
+    weights = class_power_weights(targets, 0.5)
+    # class 0: 9 images of weight 9^-1/2 -> mass 3; class 1: 1 image of weight 1 -> mass 1
+    assert torch.allclose(weights[:9], torch.full((9,), 1 / 3, dtype=torch.float64))
+    assert weights[9] == 1.0
+    sampler = make_sampler(targets.repeat(400), "sqrt", torch.Generator().manual_seed(0))
+    drawn = targets.repeat(400)[torch.tensor(list(sampler))]
+    assert abs((drawn == 1).float().mean().item() - 0.25) < 0.03  # 1 / (3 + 1)
+
+
+def test_power_weights_span_instance_to_class_balanced():
+    targets = torch.tensor([0, 0, 0, 1])
+    assert torch.allclose(class_power_weights(targets, 1.0), torch.ones(4, dtype=torch.float64))
+    balanced = class_power_weights(targets, 0.0)
+    assert balanced[:3].sum() == pytest.approx(balanced[3].item())
+
+
+def test_progressive_sampler_moves_from_instance_to_balanced():
+    targets = torch.tensor([0] * 8 + [1] * 2)
+    sampler = ProgressivelyBalancedSampler(targets, epochs=4, generator=torch.Generator().manual_seed(0))
+    # epoch t of T: (1 - t/T) * n_c/N + (t/T) / C
+    assert sampler.class_probabilities(0).tolist() == pytest.approx([0.8, 0.2])
+    assert sampler.class_probabilities(2).tolist() == pytest.approx([0.5 * 0.8 + 0.25, 0.5 * 0.2 + 0.25])
+    assert sampler.class_probabilities(4).tolist() == pytest.approx([0.5, 0.5])
+    assert len(list(sampler)) == 10 and sampler.epoch == 1  # each iter() is one epoch
+    sampler.set_epoch(3)
+    big = ProgressivelyBalancedSampler(targets.repeat(500), epochs=4,
+                                       generator=torch.Generator().manual_seed(1))
+    big.set_epoch(3)
+    drawn = targets.repeat(500)[torch.tensor(list(big))]
+    assert abs((drawn == 1).float().mean().item() - (0.25 * 0.2 + 0.75 * 0.5)) < 0.03
+
+
+def test_unknown_sampler_and_progressive_without_epochs_are_refused():
+    targets = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="unknown sampler 'uniform'"):
+        make_sampler(targets, "uniform")
+    with pytest.raises(ValueError, match="needs the number of epochs"):
+        make_sampler(targets, "progressive")
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def test_logit_adjusted_loss_by_hand():
+    loss = LogitAdjustedLoss([3, 1], tau=1.0)
+    # zero logits + log prior = [log .75, log .25]: the rare class's probability is .25
+    value = loss(torch.zeros(1, 2), torch.tensor([1]))
+    assert value.item() == pytest.approx(-math.log(0.25), rel=1e-5)
+    # tau scales the offset
+    half = LogitAdjustedLoss([3, 1], tau=0.5)(torch.zeros(1, 2), torch.tensor([1]))
+    expected = -math.log(0.25 ** 0.5 / (0.75 ** 0.5 + 0.25 ** 0.5))
+    assert half.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_balanced_softmax_is_logit_adjustment_with_tau_one():
+    logits, targets = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    counts = [40, 10, 5, 1]
+    bsm = BalancedSoftmaxLoss(counts)(logits, targets)
+    # Ren et al.: softmax over n_c * exp(z_c)
+    by_hand = F.cross_entropy(logits + torch.log(torch.tensor(counts, dtype=torch.float)), targets)
+    assert bsm.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert bsm.item() == pytest.approx(LogitAdjustedLoss(counts, 1.0)(logits, targets).item(), rel=1e-5)
+
+
+def test_ldam_margins_scale_and_deferred_reweighting_by_hand():
+    loss = LDAMLoss([16, 1], max_margin=0.5, scale=10.0, drw_start=0.8, beta=0.9)
+    # margins ∝ n^(-1/4) = [0.5, 1], scaled so the largest is 0.5
+    assert loss.margins.tolist() == pytest.approx([0.25, 0.5])
+    logits, targets = torch.tensor([[0.2, 0.1], [0.3, -0.1]]), torch.tensor([1, 0])
+    # sample 0 (class 1): 10 * [0.2, 0.1 - 0.5]; sample 1 (class 0): 10 * [0.3 - 0.25, -0.1]
+    l0 = math.log(math.exp(2.0) + math.exp(-4.0)) + 4.0
+    l1 = math.log(math.exp(0.5) + math.exp(-1.0)) - 0.5
+    loss.set_epoch(7, 10)  # before 80 %: plain mean
+    assert loss(logits, targets).item() == pytest.approx((l0 + l1) / 2, rel=1e-5)
+    loss.set_epoch(8, 10)  # from 80 %: effective-number weights, torch's weighted mean
+    w = [0.1 / (1 - 0.9 ** 16), 0.1 / 0.1]
+    w = [2 * v / sum(w) for v in w]
+    assert loss(logits, targets).item() == pytest.approx((w[1] * l0 + w[0] * l1) / (w[1] + w[0]), rel=1e-5)
+
+
+def test_effective_number_weights_by_hand():
+    w = effective_number_weights([100, 10, 1], beta=0.99)
+    raw = [(1 - 0.99) / (1 - 0.99 ** n) for n in (100, 10, 1)]
+    assert w.tolist() == pytest.approx([3 * r / sum(raw) for r in raw], rel=1e-5)
+    assert effective_number_weights([100, 10, 1], beta=0.0).tolist() == pytest.approx([1, 1, 1])
+
+
+def test_class_balanced_loss_weights_each_sample_by_its_class():
+    logits, targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    loss = ClassBalancedLoss([9, 1], beta=0.5)
+    raw = [(1 - 0.5) / (1 - 0.5 ** 9), 1.0]
+    w = [2 * r / sum(raw) for r in raw]
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    assert loss(logits, targets).item() == pytest.approx(((w[0] * ce[0] + w[1] * ce[1]) / 2).item(), rel=1e-5)
+    assert ClassBalancedLoss([9, 1], beta=0.0)(logits, targets).item() == pytest.approx(
+        F.cross_entropy(logits, targets).item(), rel=1e-6)
+
+
+def test_focal_loss_by_hand():
+    logits, target = torch.zeros(1, 2), torch.tensor([0])
+    assert FocalLoss(2.0)(logits, target).item() == pytest.approx(0.25 * math.log(2), rel=1e-5)
+    logits, targets = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    ce = F.cross_entropy(logits, targets).item()
+    assert FocalLoss(0.0)(logits, targets).item() == pytest.approx(ce, rel=1e-5)
+
+
+def test_balanced_losses_refuse_a_class_without_images():
+    with pytest.raises(ValueError, match=r"classes \[1\] have no training images"):
+        LogitAdjustedLoss([5, 0, 2])
+    images = _tiny(torch.tensor([0, 0, 2, 2]), 3)
+    with pytest.raises(ValueError, match=r"no image of classes \[1\]"):
+        make_loss(LDAMLoss, images, 3)
+
+
+def test_make_loss_builds_factories_from_split_counts_and_keeps_modules():
+    images = _tiny(torch.tensor([0, 0, 0, 1]), 2)
+    built = make_loss(LogitAdjustedLoss, images, 2)
+    assert torch.allclose(built.offset, torch.log(torch.tensor([0.75, 0.25])))
+    focal = FocalLoss(1.0)
+    assert make_loss(focal, images, 2) is focal
+    assert make_loss(None, images, 2) is F.cross_entropy
+
+
+def test_train_tells_a_scheduled_loss_each_epoch():
+    seen = []
+
+    class Spy(LDAMLoss):
+        def set_epoch(self, epoch, epochs):
+            seen.append((epoch, epochs))
+            super().set_epoch(epoch, epochs)
+
+    images = _tiny(torch.arange(8) % 2, 2)
+    torch.manual_seed(0)
+    net = Network(SmallConvNet(1, 4), 2, classifier=CosineLinear)
+    train(net, images, BatchAugment(), CPU, epochs=3, batch_size=4, loss=Spy,
+          optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# classifiers and recalibration
+
+
+def test_cosine_and_causal_norm_classifiers_grow_without_bias():
+    cos = CosineLinear(6, 3)
+    x = torch.randn(5, 6)
+    assert cos.bias is None and cos(x).abs().max() <= 1 + 1e-6
+    cos.grow(2, torch.randn(2, 6))
+    assert cos(x).shape == (5, 5)
+    tde = CausalNormClassifier(6, 3, num_heads=2)
+    tde.grow(1)
+    assert tde(x).shape == (5, 4)
+
+
+def test_causal_norm_classifier_by_hand():
+    head = CausalNormClassifier(2, 2, num_heads=1, tau=4.0, gamma=0.0, momentum=0.5)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    x = torch.tensor([[3.0, 4.0]])
+    head.train()
+    out = head(x)  # tau * (x / |x|) . (w / |w|) = 4 * [0.6, 0.8]
+    assert out[0].tolist() == pytest.approx([2.4, 3.2])
+    head(torch.tensor([[1.0, 0.0]]))
+    assert head.direction.tolist() == pytest.approx([0.5 * 3 + 1, 0.5 * 4])  # d <- mu d + mean(x)
+    head.eval()
+    head.direction.copy_(torch.tensor([1.0, 0.0]))
+    head.alpha = 1.0
+    # TDE: x̂ - α cos(x̂, d̂) d̂ = [0.6, 0.8] - 0.6 * [1, 0] = [0, 0.8]
+    assert head(x)[0].tolist() == pytest.approx([0.0, 3.2])
+
+
+def _trained_causal_head() -> CausalNormClassifier:
+    torch.manual_seed(0)
+    head = CausalNormClassifier(8, 3, num_heads=2)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    for _ in range(5):
+        x, y = torch.rand(16, 8), torch.randint(0, 3, (16,))
+        opt.zero_grad()
+        F.cross_entropy(head.train()(x), y).backward()
+        opt.step()
+    return head.eval()
+
+
+def test_tde_with_alpha_zero_is_the_plain_classifier():
+    head = _trained_causal_head()
+    x = torch.rand(10, 8)
+    with torch.no_grad():
+        assert torch.equal(counterfactual(head, 0.0)(x), head(x))
+        assert not torch.allclose(counterfactual(head, 1.5)(x), head(x))
+    assert head.alpha == 0.0  # the trained classifier is left as it was
+
+
+def test_tde_refuses_a_classifier_without_the_moving_average():
+    with pytest.raises(TypeError, match="CausalNormClassifier"):
+        counterfactual(GrowingLinear(4, 2), 1.0)
+    with pytest.raises(ValueError, match="never run in training mode"):
+        counterfactual(CausalNormClassifier(4, 2), 1.0)
+
+
+def _balanced_blobs(n_per_class: int = 50, classes: int = 4, dim: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    means = 8 * torch.eye(classes, dim)
+    targets = torch.arange(classes).repeat_interleave(n_per_class)
+    return means[targets] + torch.randn(len(targets), dim, generator=g), targets, means
+
+
+def test_tau_norm_and_lws_keep_the_argmax_when_counts_are_balanced():
+    features, targets, means = _balanced_blobs()
+    classifier = GrowingLinear(8, 4, bias=False)
+    with torch.no_grad():  # balanced training gives rows of equal norm; here: the class means
+        classifier.weight.copy_(means)
+    plain = classifier(features).argmax(1)
+    for tau in (0.0, 0.5, 1.0, 2.0):
+        assert torch.equal(TauNormalized(classifier, tau)(features).argmax(1), plain)
+    head, info = lws(classifier, {"features": features, "targets": targets}, None, [50] * 4, epochs=3)
+    # balanced classes: every scale moves alike, so no prediction changes
+    assert max(info["scales"]) / min(info["scales"]) < 1.1
+    with torch.no_grad():
+        assert torch.equal(head(features).argmax(1), plain)
+
+
+def test_tau_norm_shrinks_the_head_class_advantage():
+    classifier = GrowingLinear(2, 2, bias=True)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))  # head class has the big norm
+        classifier.bias.fill_(5.0)
+    x = torch.tensor([[0.5, 1.0]])  # closer in angle to class 1, but class 0's norm wins
+    assert classifier(x).argmax(1).item() == 0
+    # tau = 1: rows normalized (bias dropped): [0.5, 1.0] -> class 1
+    assert TauNormalized(classifier, 1.0)(x)[0].tolist() == pytest.approx([0.5, 1.0])
+    assert TauNormalized(classifier, 0.0)(x)[0].tolist() == pytest.approx([1.5, 1.0])
+
+
+def test_lws_starts_as_the_classifier_and_learns_only_scales():
+    classifier = GrowingLinear(8, 4)
+    head = WeightScaled(classifier, 4)
+    x = torch.randn(3, 8)
+    assert torch.equal(head(x), classifier(x))
+    assert [n for n, p in head.named_parameters() if p.requires_grad] == ["scales"]
+
+
+def test_posthoc_logit_adjustment_by_hand():
+    classifier = GrowingLinear(3, 2)
+    x = torch.randn(4, 3)
+    head = PriorAdjusted(classifier, [3, 1], tau=2.0)
+    expected = classifier(x) - 2.0 * torch.log(torch.tensor([0.75, 0.25]))
+    assert torch.allclose(head(x), expected)
+
+
+def test_selection_picks_the_best_value_and_refuses_a_val_split_without_a_class():
+    features, targets, means = _balanced_blobs(n_per_class=10)
+    classifier = GrowingLinear(8, 4)
+    with torch.no_grad():
+        classifier.weight.copy_(means)
+        classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 100.0]))  # a head-class bias: all go to 3
+    best, _, scores = select_on_validation(lambda t: PriorAdjusted(classifier, [1, 1, 1, math.exp(100)], t),
+                                           [0.0, 1.0], features, targets, 4)
+    assert best == 1.0 and scores[1.0] > 0.95 and scores[0.0] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"no image of classes \[3\]"):
+        select_on_validation(lambda t: classifier, [0.0], features[targets < 3], targets[targets < 3], 4)
+
+
+def test_crt_from_the_cache_equals_crt_that_re_encodes_images():
+    images = ImageSet(torch.randint(0, 255, (40, 1, 8, 8), dtype=torch.uint8), torch.arange(40) % 4,
+                      list("abcd"), "tiny")
+    torch.manual_seed(0)
+    backbone = SmallConvNet(1, 4).eval()
+    augment = BatchAugment().eval()
+    with torch.no_grad():
+        cached = backbone(augment(images.images))
+
+    def re_encode(index):
+        with torch.no_grad():
+            return backbone(augment(images.images[index]))
+
+    heads = []
+    for rows in (cached.__getitem__, re_encode):
+        torch.manual_seed(1)
+        head = GrowingLinear(16, 4)
+        fit_head(head, rows, images.targets, epochs=3, batch_size=8, seed=0)
+        heads.append(head)
+    assert torch.allclose(heads[0].weight, heads[1].weight, atol=1e-5)
+    assert torch.allclose(heads[0].bias, heads[1].bias, atol=1e-5)
+    # and the crt method itself trains a fresh classifier on the cached features
+    head, info = crt(None, {"features": cached, "targets": images.targets}, None, [10] * 4, epochs=2)
+    assert head.weight.shape == (4, 16) and info == {"epochs": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics, splits, cache
+
+
+def test_longtail_accuracy_by_hand():
+    y_true = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    y_pred = np.array([0, 0, 1, 0, 0, 0, 3, 3])
+    out = longtail_accuracy(y_true, y_pred, [500, 50, 10, 5], tail=3)
+    assert out["all"] == pytest.approx(5 / 8)
+    assert out["per_class"] == pytest.approx([1.0, 0.5, 0.0, 1.0])
+    assert (out["many"], out["medium"], out["few"]) == pytest.approx((1.0, 0.5, 0.5))
+    assert out["tail3"] == pytest.approx(0.5)  # classes 3, 2, 1
+
+
+def test_validation_split_is_balanced_and_disjoint_from_the_labeled_set():
+    train_set, test_set = digits(seed=0)
+    p = make_protocol(source=None, source_sets=(train_set, test_set), halve=False, ratio=10, n_max=100,
+                      val_per_class=10)
+    assert torch.bincount(p.val.targets).tolist() == [10] * 10
+    labeled = {bytes(x.numpy()) for x in p.labeled.images}
+    assert not any(bytes(x.numpy()) in labeled for x in p.val.images)
+    with pytest.raises(ValueError, match="fewer images left after long-tail subsampling"):
+        make_protocol(source=None, source_sets=(train_set, test_set), halve=False, ratio=10, val_per_class=10)
+
+
+def test_read_checked_names_the_fingerprint_that_differs(tmp_dir):
+    cache = FeatureCache(str(tmp_dir))
+    cache.save("k", {"features": np.zeros((2, 3))}, model="aaaa" * 10, data="bbbb" * 10)
+    assert read_checked(cache.path("k"), model="aaaa" * 10)["features"].shape == (2, 3)
+    with pytest.raises(CacheMismatch, match="other model weights: its model fingerprint is aaaa"):
+        read_checked(cache.path("k"), model="cccc" * 10, data="bbbb" * 10)
+    with pytest.raises(CacheMismatch, match="other data split"):
+        read_checked(cache.path("k"), model="aaaa" * 10, data="dddd" * 10)
+    with pytest.raises(FileNotFoundError, match="no feature cache"):
+        read_checked(tmp_dir / "missing.h5")
+
+
+def test_encode_views_caches_augmented_copies(tmp_dir):
+    images = _tiny(torch.arange(6) % 2, 2)
+    torch.manual_seed(0)
+    net = Network(SmallConvNet(1, 4), 2)
+    augment = BatchAugment(pad=2, degrees=20)
+    cache = FeatureCache(str(tmp_dir))
+    plain = encode(net, images, augment, cache, CPU)
+    views = encode(net, images, augment, cache, CPU, views=3, seed=0)
+    assert views["features"].shape == (18, 16) and views["ids"].tolist() == list(range(6)) * 3
+    assert not np.allclose(views["features"][:6], plain["features"])
+    again = encode(net, images, augment, FeatureCache(str(tmp_dir / "other")), CPU, views=3, seed=0)
+    assert np.array_equal(again["features"], views["features"])  # the views are reproducible
+    assert not augment.training
+
+
+# ---------------------------------------------------------------------------------------------
+# the graph, from the command line
+
+SHORT = ["train.epochs = 2", "crt.epochs = 1", "lws.epochs = 1"]
+METHODS = sorted(p.stem for p in (ROOT / "gin/longtail/methods").glob("*.gin"))
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def _run(tmp_path, *extra_gin, bindings=(), run_dir="run"):
+    argv = ["--gin", "gin/longtail/digits_lt.gin"]
+    argv += [a for f in extra_gin for a in ("--gin", f)]
+    argv += [a for b in [*SHORT, *bindings, f"FeatureCache.root = '{tmp_path / 'cache'}'"]
+             for a in ("--gin-bindings", b)]
+    return main([*argv, "--run-dir", str(tmp_path / run_dir)]), tmp_path / run_dir
+
+
+def test_longtail_graph_writes_metrics_plot_manifest_and_recalibrates_again(tmp_path, in_repo):
+    code, run_dir = _run(tmp_path)
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"as trained", "cRT", "tau-norm", "LWS", "logit adj. (post-hoc)"}
+    for row in metrics["methods"].values():
+        assert 0 <= row["all"] <= 1 and len(row["per_class"]) == 10
+    assert (run_dir / "per_class_accuracy.png").stat().st_size > 10_000
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["caches"]) == {"train", "val", "test"}
+
+    # recalibrate again from the cache alone: same classifier, same features, same numbers
+    code, again_dir = _run(tmp_path, bindings=["run.graph = @recalibrate_run",
+                                               f"recalibrate_run.source = '{run_dir}'"], run_dir="again")
+    assert code == 0
+    again = json.loads((again_dir / "metrics.json").read_text())
+    for name in ("as trained", "tau-norm", "logit adj. (post-hoc)"):
+        assert again["methods"][name]["all"] == metrics["methods"][name]["all"]
+
+
+def test_recalibration_refuses_a_cache_of_another_model(tmp_path, in_repo, capsys):
+    code, run_dir = _run(tmp_path)
+    assert code == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    # swap in the checkpoint of another model (seed 1): the cached features are not its own
+    code, other = _run(tmp_path, bindings=["SEED = 1"], run_dir="other")
+    manifest["checkpoint"] = json.loads((other / "manifest.json").read_text())["checkpoint"]
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    code, refused = _run(tmp_path, bindings=["run.graph = @recalibrate_run",
+                                             f"recalibrate_run.source = '{run_dir}'"], run_dir="refused")
+    assert code == CONFIG_ERROR and not refused.exists()
+    assert "other model weights: its model fingerprint" in " ".join(capsys.readouterr().err.split())
+    assert json.loads((run_dir / "metrics.json").read_text())["methods"]  # the earlier result is intact
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_file_runs_on_the_embedded_data(tmp_path, in_repo, method):
+    code, run_dir = _run(tmp_path, f"gin/longtail/methods/{method}.gin")
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= metrics["methods"]["as trained"]["all"] <= 1.0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    weights = torch.load(manifest["checkpoint"], weights_only=True)
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    operative = (run_dir / "operative_config.gin").read_text()
+    assert {"sampler_sqrt": "'sqrt'", "ldam_drw": "LDAMLoss", "tde": "CausalNormClassifier",
+            "focal": "FocalLoss"}.get(method, "train.") in operative
+
+
+def test_bad_long_tail_settings_exit_with_a_clear_message(tmp_path, in_repo, capsys):
+    code, run_dir = _run(tmp_path, bindings=["make_protocol.ratio = 0.5"])
+    assert code == CONFIG_ERROR and not run_dir.exists()
+    assert "ratio must be >= 1" in " ".join(capsys.readouterr().err.split())
+    code, run_dir = _run(tmp_path, bindings=["make_protocol.val_per_class = 500"])
+    assert code == CONFIG_ERROR and not run_dir.exists()
