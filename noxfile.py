@@ -25,7 +25,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "components", "graphs", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "components", "graphs", "tests", "bench", "scripts", "noxfile.py")
 
 
 @nox.session

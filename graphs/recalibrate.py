@@ -18,6 +18,7 @@ augmented views per image for users who want augmentation back (see README).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -201,7 +202,7 @@ def recalibrate(
     data = {split: _tensors(read_checked(path, **expected.get(split, {})))
             for split, path in caches.items()}
     train, val, test = data["train"], data.get("val"), data["test"]
-    classifier = classifier.cpu().eval()
+    classifier = copy.deepcopy(classifier).cpu().eval()  # cached features live on the CPU
     rows = {"as trained": (classifier, {})}
     seconds = {"as trained": 0.0}
     for name, method in methods.items():

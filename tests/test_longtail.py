@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.cache import CacheMismatch, FeatureCache, read_checked  # noqa: F401
+from components.cache import CacheMismatch, FeatureCache, read_checked
 from components.data import BatchAugment, ImageSet, digits, make_protocol
 from components.data.loading import ProgressivelyBalancedSampler, class_power_weights, make_sampler
 from components.losses import (
@@ -471,3 +471,14 @@ def test_bad_long_tail_settings_exit_with_a_clear_message(tmp_path, in_repo, cap
     assert "ratio must be >= 1" in " ".join(capsys.readouterr().err.split())
     code, run_dir = _run(tmp_path, bindings=["make_protocol.val_per_class = 500"])
     assert code == CONFIG_ERROR and not run_dir.exists()
+
+
+def test_crt_can_train_on_several_cached_augmented_views(tmp_path, in_repo):
+    code, run_dir = _run(tmp_path, bindings=["longtail.views = 2"])
+    assert code == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert "2 augmented views" in manifest["caches"]["train"]["preprocess"]
+    assert "augmented" not in manifest["caches"]["test"]["preprocess"]
+    train = read_checked(manifest["caches"]["train"]["path"])
+    assert len(train["features"]) == 2 * sum(manifest["train_counts"])
+    assert json.loads((run_dir / "metrics.json").read_text())["methods"]["cRT"]["info"] == {"epochs": 1}
