@@ -28,7 +28,10 @@ ROWS = [
     ("CE + τ-norm (cache)", "ce", "tau-norm"),
     ("CE + LWS (cache)", "ce", "LWS"),
     ("CE + post-hoc logit adjustment (cache)", "ce", "logit adj. (post-hoc)"),
-    ("causal-norm training + TDE (cache)", "tde", "TDE"),
+    ("CE + cRT on 4 augmented views per image (cache)", "ce_views4", "cRT"),
+    ("CE + LWS on 4 augmented views per image (cache)", "ce_views4", "LWS"),
+    ("causal-norm classifier, as trained (α = 0)", "tde", "as trained"),
+    ("causal-norm classifier + TDE, α on validation (cache)", "tde", "TDE"),
 ]
 COLUMNS = ("all", "many", "medium", "few", "tail3")
 
@@ -42,11 +45,11 @@ def cell(stats: dict) -> str:
 def table(folder: Path) -> str:
     lines = ["| method | all | many | medium | few | tail-3 | tail-3 vs CE |",
              "|---|---|---|---|---|---|---|"]
-    base = None
+    base, missing = None, []
     for label, run, row in ROWS:
         path = folder / run / "summary.json"
         if not path.exists():
-            lines.append(f"| {label} | not run ({path} missing) | | | | | |")
+            missing.append(str(path))
             continue
         metrics = json.loads(path.read_text())["metrics"]
         stats = [metrics[f"{row}.{c}"] for c in COLUMNS]
@@ -54,6 +57,8 @@ def table(folder: Path) -> str:
         base = tail if base is None and run == "ce" and row == "as trained" else base
         gain = "" if base is None or (run == "ce" and row == "as trained") else f"{100 * (tail - base):+.1f}"
         lines.append(f"| {label} | " + " | ".join(cell(s) for s in stats) + f" | {gain} |")
+    if missing:
+        lines.append(f"\n(not run, so not shown: {', '.join(sorted(set(missing)))})")
     return "\n".join(lines)
 
 
