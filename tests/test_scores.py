@@ -11,6 +11,7 @@ import torch
 from scipy.spatial.distance import mahalanobis
 
 from components.losses import EvidentialLoss
+from components.pool import SamplePool
 from components.scores import (
     Energy,
     Entropy,
@@ -24,6 +25,8 @@ from components.scores import (
     max_softmax,
 )
 from components.thresholds import false_alarm_threshold, fit_temperature, precision_threshold
+from graphs.online import online
+from graphs.plots import score_histogram
 
 
 def test_logit_scores_by_hand():
@@ -136,3 +139,24 @@ def test_evidential_loss_by_hand():
     assert loss(logits, target).item() == pytest.approx((risk + 0.5 * kl).item(), rel=1e-5)
     loss.set_epoch(15, 20)  # capped at 1
     assert loss(logits, target).item() == pytest.approx((risk + kl).item(), rel=1e-5)
+
+
+def test_online_feeds_features_to_a_feature_score_and_logits_to_a_function():
+    train, targets = _features()
+    stream_x, stream_y = _features(seed=3)
+    far = stream_x[:10] * -3  # ten samples far from every class
+    stream = {"features": torch.cat([far, stream_x]).numpy(),
+              "logits": torch.zeros(130, 3).numpy(), "ids": np.arange(130)}
+    score = Mahalanobis().fit({"features": train, "targets": targets})
+    pool = SamplePool(trigger_size=1000, threshold=50.0)
+    position, scores = online(stream, score, pool, batch_size=16)
+    assert position == 130 and len(scores) == 130
+    assert set(range(10)) <= set(pool.ids.tolist()) and len(pool) < 20
+    position, scores = online(stream, max_softmax, SamplePool(trigger_size=5, threshold=0.5), batch_size=16)
+    assert position == 16  # every sample is maximally unsure: the first batch fires the pool
+
+
+def test_score_histogram_is_written(tmp_path):
+    path = score_histogram(tmp_path / "hist.png", np.r_[np.zeros(50), np.ones(20)],
+                           np.r_[np.zeros(50, bool), np.ones(20, bool)], "energy")
+    assert path.exists() and path.stat().st_size > 5_000
