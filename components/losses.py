@@ -3,6 +3,8 @@ balanced losses for long-tailed training."""
 
 from __future__ import annotations
 
+import math
+
 import gin
 import torch
 import torch.nn.functional as F
@@ -209,3 +211,43 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return focal_loss(logits, targets, self.gamma)
+
+
+@gin.configurable
+class EvidentialLoss(nn.Module):
+    """Evidential classification loss (Sensoy et al., NeurIPS 2018, eq. 5 and 9).
+
+    Evidence ``e = relu(z)``, Dirichlet ``α = e + 1``, ``S = Σ α``, ``p = α / S``. The loss is the
+    Bayes risk of the squared error, ``Σ_j (y_j - p_j)² + p_j (1 - p_j) / (S + 1)``, plus
+    ``λ_t · KL(Dir(α̃) ‖ Dir(1))`` on the misleading evidence ``α̃ = y + (1 - y) ⊙ α``, with
+    ``λ_t = min(1, t / anneal_epochs)`` (the graph calls :meth:`set_epoch`). Score the trained
+    model with :class:`components.scores.EvidentialUncertainty` (``K / S``).
+    """
+
+    def __init__(self, anneal_epochs: int = 10) -> None:
+        super().__init__()
+        if anneal_epochs < 1:
+            raise ValueError(f"anneal_epochs must be >= 1, got {anneal_epochs}")
+        self.anneal_epochs = anneal_epochs
+        self.kl_weight = 0.0
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        self.kl_weight = min(1.0, epoch / self.anneal_epochs)
+
+    @staticmethod
+    def kl_to_uniform(alpha: torch.Tensor) -> torch.Tensor:
+        """``KL(Dir(α) ‖ Dir(1, …, 1))`` per row."""
+        k = alpha.shape[1]
+        total = alpha.sum(1)
+        return (torch.lgamma(total) - math.lgamma(k) - torch.lgamma(alpha).sum(1)
+                + ((alpha - 1) * (torch.digamma(alpha) - torch.digamma(total)[:, None])).sum(1))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        alpha = torch.relu(logits) + 1
+        total = alpha.sum(1, keepdim=True)
+        p = alpha / total
+        y = F.one_hot(targets, logits.shape[1]).to(p.dtype)
+        risk = ((y - p) ** 2 + p * (1 - p) / (total + 1)).sum(1)
+        if self.kl_weight:
+            risk = risk + self.kl_weight * self.kl_to_uniform(y + (1 - y) * alpha)
+        return risk.mean()

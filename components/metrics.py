@@ -4,7 +4,8 @@
   the old subset, the new subset and all; a class-balanced variant; NMI and ARI beside it;
 * many / medium / few-shot: classes with > 100, 20..100, < 20 training images, each group the
   mean of its per-class accuracies; tail-3: the mean accuracy of the 3 rarest classes;
-* novelty: new-class samples are positives; AUROC, FPR at 95 % TPR, AUPR;
+* novelty: new-class samples are positives; AUROC, FPR at 95 % TPR, AUPR (new and old as
+  positive);
 * pool precision (share of new among pooled) and recall (share of the stream's new pooled).
 
 The Ignite metrics at the bottom accumulate predictions batch by batch (detached) and compute
@@ -86,16 +87,20 @@ def longtail_accuracy(y_true, y_pred, train_counts: Sequence[int], tail: int = 3
 
 
 def novelty_metrics(scores, is_new) -> dict[str, float]:
-    """AUROC, FPR at 95 % TPR and AUPR, with new-class samples as positives."""
+    """Novelty detection with new-class samples as positives (higher score = more likely new):
+    AUROC, FPR at 95 % TPR (the share of old-class samples scoring at or above the threshold
+    that catches 95 % of the new ones), AUPR with new as positive (``aupr_new``, "AUPR-Out" in
+    OpenOOD's words) and with old as positive (``aupr_old``, "AUPR-In", on negated scores)."""
     scores, is_new = np.asarray(scores, np.float64), np.asarray(is_new, bool)
     if is_new.all() or not is_new.any():
         nan = float("nan")
-        return {"auroc": nan, "fpr95": nan, "aupr": nan}
+        return {"auroc": nan, "fpr95": nan, "aupr_new": nan, "aupr_old": nan}
     fpr, tpr, _ = skm.roc_curve(is_new, scores)
     return {
         "auroc": float(skm.roc_auc_score(is_new, scores)),
         "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
-        "aupr": float(skm.average_precision_score(is_new, scores)),
+        "aupr_new": float(skm.average_precision_score(is_new, scores)),
+        "aupr_old": float(skm.average_precision_score(~is_new, -scores)),
     }
 
 

@@ -1,13 +1,25 @@
-"""Confidence scores: one number per sample from model outputs, higher = more likely new.
+"""Novelty scores: one number per sample, higher = more likely a new class.
 
-Every score takes logits ``[N, C]`` and returns ``[N]``; bind one with gin as a function
-reference (``online.score = @energy``) or pass it directly.
+Two forms, one convention:
+
+* plain functions of logits ``[N, C] -> [N]`` (:func:`max_softmax`, :func:`energy`), as the
+  online graph binds them today (``lifecycle.score = @energy``);
+* :class:`Score` objects with one interface for every method, post-hoc or not:
+  ``score.fit(train)`` with cached training outputs (a no-op for the logit scores), then
+  ``score(outputs)`` where ``outputs`` maps ``"logits"`` / ``"features"`` to arrays of the
+  samples to score (a bare tensor is taken as logits). Those that need training features say
+  so clearly when they have none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import gin
+import numpy as np
 import torch
+
+Outputs = Mapping[str, torch.Tensor | np.ndarray] | torch.Tensor
 
 
 @gin.configurable
@@ -22,3 +34,181 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError(f"energy temperature must be > 0, got {temperature}")
     return -temperature * torch.logsumexp(logits / temperature, dim=1)
+
+
+def _get(outputs: Outputs, key: str, who: str) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        if key != "logits":
+            raise ValueError(f"{who} scores {key}, but was given a bare tensor: pass a dict with "
+                             f"{key!r} (e.g. the encode graph's cached arrays)")
+        return outputs
+    if key not in outputs:
+        raise ValueError(f"{who} needs {key!r} in the outputs it scores, got {sorted(outputs)}")
+    return torch.as_tensor(np.asarray(outputs[key])).float()
+
+
+class Score:
+    """A novelty score. ``fit(train)`` learns what it needs from cached training outputs and
+    returns ``self``; calling it on outputs returns ``[N]`` scores, higher = more likely new."""
+
+    name = "score"
+
+    def fit(self, train: Outputs) -> Score:
+        return self
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@gin.configurable
+class MaxSoftmax(Score):
+    """Least confidence, ``1 - max_c softmax(z)_c`` (Hendrycks & Gimpel, ICLR 2017)."""
+
+    name = "max-softmax"
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        return max_softmax(_get(outputs, "logits", self.name))
+
+
+@gin.configurable
+class Entropy(Score):
+    """Entropy of the softmax, ``-Σ p log p``."""
+
+    name = "entropy"
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        log_p = _get(outputs, "logits", self.name).log_softmax(dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1)
+
+
+@gin.configurable
+class Margin(Score):
+    """Minus the gap between the two largest softmax probabilities: a small gap is doubt."""
+
+    name = "margin"
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        top = _get(outputs, "logits", self.name).softmax(dim=1).topk(2, dim=1).values
+        return top[:, 1] - top[:, 0]
+
+
+@gin.configurable
+class MaxLogit(Score):
+    """Minus the largest logit (Hendrycks et al., ICML 2022)."""
+
+    name = "max-logit"
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        return -_get(outputs, "logits", self.name).amax(dim=1)
+
+
+@gin.configurable
+class Energy(Score):
+    """Free energy ``-T · logsumexp(z / T)`` (Liu et al., NeurIPS 2020)."""
+
+    name = "energy"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"energy temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        return energy(_get(outputs, "logits", self.name), self.temperature)
+
+    def __repr__(self) -> str:
+        return f"Energy(temperature={self.temperature})"
+
+
+@gin.configurable
+class EvidentialUncertainty(Score):
+    """Dirichlet uncertainty ``K / Σ α`` with ``α = relu(z) + 1`` (Sensoy et al., NeurIPS 2018),
+    for a classifier trained with :class:`components.losses.EvidentialLoss`."""
+
+    name = "evidential"
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        logits = _get(outputs, "logits", self.name)
+        alpha = torch.relu(logits) + 1
+        return logits.shape[1] / alpha.sum(dim=1)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalized rows, float32 and contiguous (what faiss takes)."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _needs_fit(score: Score, fitted: bool) -> None:
+    if not fitted:
+        raise RuntimeError(f"{type(score).__name__} needs cached training features: call "
+                           "fit(train) with the encode graph's arrays of the labeled set first")
+
+
+@gin.configurable
+class KNNDistance(Score):
+    """Distance to the ``k``-th nearest L2-normalized training feature (Sun et al., ICML 2022),
+    searched exactly with faiss."""
+
+    name = "knn"
+
+    def __init__(self, k: int = 50) -> None:
+        if k < 1:
+            raise ValueError(f"kNN needs k >= 1, got {k}")
+        self.k = k
+        self.index = None
+
+    def fit(self, train: Outputs) -> KNNDistance:
+        import faiss
+
+        features = _get(train, "features", "kNN").numpy()
+        if len(features) < self.k:
+            raise ValueError(f"kNN with k={self.k} needs at least {self.k} training features, got "
+                             f"{len(features)}: lower k")
+        features = _unit_rows(features)
+        self.index = faiss.IndexFlatL2(features.shape[1])
+        self.index.add(features)
+        return self
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        _needs_fit(self, self.index is not None)
+        x = _unit_rows(_get(outputs, "features", "kNN").numpy())
+        distances, _ = self.index.search(x, self.k)  # squared L2, ascending
+        return torch.from_numpy(np.sqrt(np.maximum(distances[:, -1], 0.0)))
+
+    def __repr__(self) -> str:
+        return f"KNNDistance(k={self.k})"
+
+
+@gin.configurable
+class Mahalanobis(Score):
+    """Smallest Mahalanobis distance to a class mean of the training features, with one
+    covariance shared by all classes (Lee et al., NeurIPS 2018; without their input
+    perturbation and layer ensemble)."""
+
+    name = "mahalanobis"
+
+    def __init__(self) -> None:
+        self.means = self.precision = None
+
+    def fit(self, train: Outputs) -> Mahalanobis:
+        features = _get(train, "features", "Mahalanobis").double()
+        targets = torch.as_tensor(np.asarray(train["targets"])).long()
+        classes = torch.unique(targets)
+        self.means = torch.stack([features[targets == c].mean(0) for c in classes])
+        centered = features - self.means[torch.searchsorted(classes, targets)]
+        covariance = centered.T @ centered / len(features)
+        self.precision = torch.linalg.pinv(covariance, hermitian=True)
+        return self
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        _needs_fit(self, self.means is not None)
+        x = _get(outputs, "features", "Mahalanobis").double()
+        # (x - μ)ᵀ P (x - μ) = xᵀPx - 2 xᵀPμ + μᵀPμ, for every class at once
+        xp = x @ self.precision
+        means_p = self.means @ self.precision
+        d = (xp * x).sum(1, keepdim=True) - 2 * xp @ self.means.T + (means_p * self.means).sum(1)
+        return d.amin(dim=1).clamp_min(0).float()

@@ -20,10 +20,11 @@ from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData
 from components.metrics import clustering_accuracy, novelty_metrics, pool_quality
 from components.pool import SamplePool
+from components.scores import Score
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.handlers import RunDir, console, save_checkpoint
-from graphs.online import online
+from graphs.online import online, score_outputs
 from graphs.train import adapt, distill, train
 
 
@@ -33,7 +34,7 @@ def lifecycle(
     data: Callable[[], ProtocolData] = gin.REQUIRED,
     model: Callable[..., nn.Module] = gin.REQUIRED,
     augment: nn.Module = gin.REQUIRED,
-    score: Callable[[torch.Tensor], torch.Tensor] = gin.REQUIRED,
+    score: Score | Callable[[torch.Tensor], torch.Tensor] = gin.REQUIRED,
     pool: SamplePool = gin.REQUIRED,
     labeler: Callable = gin.REQUIRED,
     cache: FeatureCache = gin.REQUIRED,
@@ -65,9 +66,11 @@ def lifecycle(
     # 2. online: score the stream, pool low-confidence samples
     cached = {s: encode(teacher, getattr(protocol, s), augment, cache, device)
               for s in ("labeled", "stream", "test")}
+    if isinstance(score, Score):
+        score.fit(cached["labeled"])  # kNN / Mahalanobis learn from the labeled features
     threshold = pool.threshold
     if threshold is None:
-        threshold = pool.calibrate(score(torch.from_numpy(cached["labeled"]["logits"])))
+        threshold = pool.calibrate(score_outputs(score, cached["labeled"]))
     position, scores = online(cached["stream"], score, pool)
     stream_targets = cached["stream"]["targets"]
     seen_new = stream_targets[:position] >= protocol.n_old

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from ignite.engine import Engine, EventEnum
 
 from components.pool import SamplePool
+from components.scores import Score
 from graphs.handlers import progress
 
 
@@ -16,25 +17,35 @@ class PoolEvents(EventEnum):
     POOL_READY = "pool_ready"
 
 
+def score_outputs(score: Score | Callable[[torch.Tensor], torch.Tensor],
+                  outputs: Mapping[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
+    """Apply a :class:`Score` to cached outputs, or a plain score function to their logits."""
+    if isinstance(score, Score):
+        return score(outputs)
+    return score(torch.as_tensor(np.asarray(outputs["logits"])))
+
+
 def online(
     stream: dict[str, np.ndarray],
-    score: Callable[[torch.Tensor], torch.Tensor],
+    score: Score | Callable[[torch.Tensor], torch.Tensor],
     pool: SamplePool,
     start: int = 0,
     batch_size: int = 32,
 ) -> tuple[int, np.ndarray]:
-    """Feed the stream's cached logits from ``start`` in batches to ``score`` and ``pool``.
+    """Feed the stream's cached outputs from ``start`` in batches to ``score`` (a
+    :class:`Score` sees logits and features, a plain function the logits) and ``pool``.
 
     Stops after the batch that makes the pool ready (firing ``PoolEvents.POOL_READY``) or at
     the end of the stream. Returns the next stream position and the scores seen.
     """
-    logits = torch.from_numpy(stream["logits"])
-    bounds = [(lo, min(lo + batch_size, len(logits))) for lo in range(start, len(logits), batch_size)]
+    arrays = {k: torch.from_numpy(np.asarray(stream[k])) for k in ("logits", "features") if k in stream}
+    n = len(arrays["logits"])
+    bounds = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
     seen: list[torch.Tensor] = []
 
     def step(engine: Engine, bound: tuple[int, int]) -> dict[str, int]:
         lo, hi = bound
-        scores = score(logits[lo:hi])
+        scores = score_outputs(score, {k: v[lo:hi] for k, v in arrays.items()})
         seen.append(scores)
         pooled = pool.add(stream["ids"][lo:hi], scores.numpy())
         engine.state.position = hi

@@ -38,3 +38,27 @@ def per_class_accuracy_plot(path: Path, train_counts: Sequence[int], rows: Mappi
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def score_histogram(path: Path, scores, is_new, title: str, bins: int = 40) -> Path:
+    """Histogram of novelty scores of old-class and new-class stream samples (densities, so
+    the two groups compare whatever their sizes); the farther apart, the better the score."""
+    import numpy as np
+
+    scores, is_new = np.asarray(scores, dtype=np.float64), np.asarray(is_new, dtype=bool)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    edges = np.histogram_bin_edges(scores, bins=bins)
+    for mask, label, color in ((~is_new, "old classes", "tab:blue"), (is_new, "new classes", "tab:orange")):
+        if mask.any():
+            ax.hist(scores[mask], bins=edges, density=True, alpha=0.55, color=color,
+                    label=f"{label} ({int(mask.sum())})")
+    ax.set_xlabel("novelty score (higher = more likely new)")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -461,7 +461,8 @@ def test_novelty_metrics_match_sklearn():
     scores = rng.normal(size=60) + is_new
     out = novelty_metrics(scores, is_new)
     assert out["auroc"] == pytest.approx(skm.roc_auc_score(is_new, scores))
-    assert out["aupr"] == pytest.approx(skm.average_precision_score(is_new, scores))
+    assert out["aupr_new"] == pytest.approx(skm.average_precision_score(is_new, scores))
+    assert out["aupr_old"] == pytest.approx(skm.average_precision_score(~is_new, -scores))
 
 
 def test_novelty_fpr95_hand_checked():

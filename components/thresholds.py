@@ -1,0 +1,74 @@
+"""Choosing the pool threshold, and temperature scaling of logits.
+
+* :func:`false_alarm_threshold` — from held-out known-class scores, for a target false-alarm
+  rate (the share of known-class samples that would enter the pool);
+* :func:`precision_threshold` — when labels are known (a labeled stream for tuning), the
+  largest pool whose precision reaches a target;
+* :func:`fit_temperature` — temperature scaling (Guo et al., ICML 2017) on held-out logits.
+
+The pool takes samples scoring strictly above the threshold (``SamplePool.add``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def false_alarm_threshold(known_scores, rate: float = 0.05) -> float:
+    """The threshold above which a fraction ``rate`` of held-out known-class samples score."""
+    scores = np.asarray(known_scores, dtype=np.float64).reshape(-1)
+    if scores.size == 0:
+        raise ValueError("a threshold for a false-alarm rate needs held-out known-class scores and "
+                         "got none: hold out known-class images (make_protocol.val_per_class) or "
+                         "give the threshold directly")
+    if not 0 < rate < 1:
+        raise ValueError(f"false-alarm rate must be in (0, 1), got {rate}")
+    return float(np.quantile(scores, 1 - rate))
+
+
+def precision_threshold(scores, is_new, precision: float) -> float:
+    """The lowest threshold whose pool (``score > threshold``) has at least ``precision`` new
+    samples among those pooled: the largest pool, so the best recall, at that precision."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    is_new = np.asarray(is_new, dtype=bool).reshape(-1)
+    if not 0 < precision <= 1:
+        raise ValueError(f"target precision must be in (0, 1], got {precision}")
+    if len(scores) != len(is_new):
+        raise ValueError(f"{len(scores)} scores but {len(is_new)} labels")
+    if not is_new.any():
+        raise ValueError("a threshold for a target pool precision needs new-class samples among "
+                         "the labeled ones, and there are none: use false_alarm_threshold instead")
+    order = np.argsort(-scores, kind="stable")
+    s, hit = scores[order], is_new[order]
+    pooled = np.arange(1, len(s) + 1)
+    prec = np.cumsum(hit) / pooled
+    # a pool can only stop where the next score is strictly lower (ties enter together)
+    cut = np.r_[s[1:] < s[:-1], True]
+    ok = np.flatnonzero(cut & (prec >= precision))
+    if ok.size == 0:
+        best = float(prec[cut].max())
+        raise ValueError(f"no threshold reaches pool precision {precision:.3f}; the best is {best:.3f}")
+    k = ok[-1]
+    return float((s[k] + s[k + 1]) / 2) if k + 1 < len(s) else float(np.nextafter(s[k], -np.inf))
+
+
+def fit_temperature(logits, targets, max_iter: int = 100) -> float:
+    """Temperature scaling (Guo et al., ICML 2017): the ``T > 0`` minimizing the negative
+    log-likelihood of ``softmax(z / T)`` on held-out labeled logits (LBFGS on ``log T``)."""
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    if len(z) == 0:
+        raise ValueError("temperature scaling needs held-out labeled logits and got none")
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())

@@ -1,0 +1,162 @@
+"""Novelty scores, thresholds, temperature scaling and the evidential loss, against cases
+computed by hand or by brute force."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis
+
+from components.losses import EvidentialLoss
+from components.pool import SamplePool
+from components.scores import (
+    Energy,
+    Entropy,
+    EvidentialUncertainty,
+    KNNDistance,
+    Mahalanobis,
+    Margin,
+    MaxLogit,
+    MaxSoftmax,
+    energy,
+    max_softmax,
+)
+from components.thresholds import false_alarm_threshold, fit_temperature, precision_threshold
+from graphs.online import online
+from graphs.plots import score_histogram
+
+
+def test_logit_scores_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    logits = probs.log()
+    assert MaxSoftmax()(logits).item() == pytest.approx(0.5)
+    assert Entropy()(logits).item() == pytest.approx(-(probs * probs.log()).sum().item())
+    assert Entropy()(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
+    assert Margin()(logits).item() == pytest.approx(-0.2)
+    assert MaxLogit()(torch.tensor([[1.0, 3.0, -2.0]])).item() == -3.0
+    z = torch.randn(5, 3)
+    assert torch.equal(Energy(2.0)(z), energy(z, 2.0))
+    assert torch.equal(MaxSoftmax()({"logits": z}), max_softmax(z))
+    # evidence relu(z), alpha = evidence + 1: [3, 1, 1] -> K / S = 3 / 5
+    assert EvidentialUncertainty()(torch.tensor([[2.0, -1.0, 0.0]])).item() == pytest.approx(0.6)
+
+
+def test_confident_outputs_score_lower_for_every_logit_score():
+    sure, unsure = torch.tensor([[8.0, 0.0, 0.0]]), torch.tensor([[0.1, 0.0, 0.05]])
+    for score in (MaxSoftmax(), Entropy(), Margin(), MaxLogit(), Energy(), EvidentialUncertainty()):
+        assert score(sure).item() < score(unsure).item(), score
+
+
+def _features(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.arange(3).repeat_interleave(40)
+    means = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0]])
+    return means[targets] + torch.randn(len(targets), 4, generator=g), targets
+
+
+def test_knn_distance_matches_brute_force():
+    train, _ = _features()
+    query, _ = _features(seed=1)
+    score = KNNDistance(k=5).fit({"features": train})
+    got = score({"features": query}).numpy()
+    a = (train / train.norm(dim=1, keepdim=True)).numpy()
+    b = (query / query.norm(dim=1, keepdim=True)).numpy()
+    dist = np.sqrt(((b[:, None, :] - a[None, :, :]) ** 2).sum(-1))
+    expected = np.sort(dist, axis=1)[:, 4]
+    assert np.allclose(got, expected, atol=1e-4)
+
+
+def test_mahalanobis_matches_scipy_with_a_shared_covariance():
+    train, targets = _features()
+    query, _ = _features(seed=2)
+    score = Mahalanobis().fit({"features": train, "targets": targets})
+    got = score({"features": query[:5]}).numpy()
+    means = [train[targets == c].mean(0).double().numpy() for c in range(3)]
+    centered = np.concatenate([train[targets == c].double().numpy() - means[c] for c in range(3)])
+    precision = np.linalg.inv(centered.T @ centered / len(train))
+    expected = [min(mahalanobis(q, m, precision) ** 2 for m in means) for q in query[:5].double().numpy()]
+    assert np.allclose(got, expected, rtol=1e-4)
+
+
+def test_feature_scores_say_what_they_are_missing():
+    with pytest.raises(RuntimeError, match="needs cached training features"):
+        KNNDistance(k=3)({"features": torch.randn(2, 4)})
+    with pytest.raises(ValueError, match="needs 'features'"):
+        KNNDistance(k=3).fit({"logits": torch.randn(10, 4)})
+    with pytest.raises(ValueError, match="bare tensor"):
+        Mahalanobis().fit({"features": torch.randn(6, 2), "targets": torch.tensor([0, 0, 0, 1, 1, 1])})(
+            torch.randn(2, 2))
+    with pytest.raises(ValueError, match="at least 50 training features"):
+        KNNDistance(k=50).fit({"features": torch.randn(10, 4)})
+
+
+def test_false_alarm_threshold_lets_the_asked_share_of_known_samples_through():
+    known = np.arange(1000, dtype=float)
+    threshold = false_alarm_threshold(known, rate=0.05)
+    assert (known > threshold).mean() == pytest.approx(0.05, abs=0.002)
+    with pytest.raises(ValueError, match="needs held-out known-class scores"):
+        false_alarm_threshold([], 0.05)
+
+
+def test_precision_threshold_by_hand():
+    scores = [5.0, 4.0, 3.0, 2.0, 1.0]
+    is_new = [1, 1, 0, 1, 0]  # precision of the top k: 1, 1, 2/3, 3/4, 3/5
+    assert precision_threshold(scores, is_new, 0.75) == 1.5  # pool {5, 4, 3, 2}
+    assert precision_threshold(scores, is_new, 0.9) == 3.5  # pool {5, 4}
+    assert precision_threshold(scores, is_new, 0.6) < 1.0  # everything
+    with pytest.raises(ValueError, match="best is 0.667"):
+        precision_threshold([5.0, 5.0, 1.0], [1, 0, 1], 1.0)  # the tie enters together
+    with pytest.raises(ValueError, match="no new-class samples|there are none"):
+        precision_threshold(scores, [0] * 5, 0.5)
+
+
+def test_temperature_scaling_recovers_the_temperature_of_the_labels():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4000, 5, generator=g)
+    targets = torch.multinomial((logits / 2.0).softmax(1), 1, generator=g).squeeze(1)
+    assert fit_temperature(logits, targets) == pytest.approx(2.0, rel=0.1)
+    with pytest.raises(ValueError, match="needs held-out labeled logits"):
+        fit_temperature(torch.zeros(0, 3), torch.zeros(0))
+
+
+def test_evidential_loss_by_hand():
+    loss = EvidentialLoss(anneal_epochs=10)
+    # alpha = [2, 1], S = 3, p = [2/3, 1/3]: (1/3)^2 + 2/9/4 + (1/3)^2 + 2/9/4 = 1/3
+    assert loss(torch.tensor([[1.0, -1.0]]), torch.tensor([0])).item() == pytest.approx(1 / 3)
+    # KL term on the misleading evidence: alpha~ = y + (1 - y) alpha = [1, 3]
+    logits, target = torch.tensor([[1.0, 2.0]]), torch.tensor([0])
+    alpha = torch.tensor([2.0, 3.0])
+    p = alpha / alpha.sum()
+    risk = ((torch.tensor([1.0, 0.0]) - p) ** 2 + p * (1 - p) / (alpha.sum() + 1)).sum()
+    kl = torch.distributions.kl_divergence(torch.distributions.Dirichlet(torch.tensor([1.0, 3.0])),
+                                           torch.distributions.Dirichlet(torch.ones(2)))
+    loss.set_epoch(0, 20)
+    assert loss(logits, target).item() == pytest.approx(risk.item(), rel=1e-5)
+    loss.set_epoch(5, 20)  # lambda = 5 / 10
+    assert loss(logits, target).item() == pytest.approx((risk + 0.5 * kl).item(), rel=1e-5)
+    loss.set_epoch(15, 20)  # capped at 1
+    assert loss(logits, target).item() == pytest.approx((risk + kl).item(), rel=1e-5)
+
+
+def test_online_feeds_features_to_a_feature_score_and_logits_to_a_function():
+    train, targets = _features()
+    stream_x, stream_y = _features(seed=3)
+    far = stream_x[:10] * -3  # ten samples far from every class
+    stream = {"features": torch.cat([far, stream_x]).numpy(),
+              "logits": torch.zeros(130, 3).numpy(), "ids": np.arange(130)}
+    score = Mahalanobis().fit({"features": train, "targets": targets})
+    pool = SamplePool(trigger_size=1000, threshold=50.0)
+    position, scores = online(stream, score, pool, batch_size=16)
+    assert position == 130 and len(scores) == 130
+    assert set(range(10)) <= set(pool.ids.tolist()) and len(pool) < 20
+    position, scores = online(stream, max_softmax, SamplePool(trigger_size=5, threshold=0.5), batch_size=16)
+    assert position == 16  # every sample is maximally unsure: the first batch fires the pool
+
+
+def test_score_histogram_is_written(tmp_path):
+    path = score_histogram(tmp_path / "hist.png", np.r_[np.zeros(50), np.ones(20)],
+                           np.r_[np.zeros(50, bool), np.ones(20, bool)], "energy")
+    assert path.exists() and path.stat().st_size > 5_000
