@@ -11,6 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    """Write the figure under a temporary name and rename it into place."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def per_class_accuracy_plot(path: Path, train_counts: Sequence[int], rows: Mapping[str, Sequence[float]],
                             class_names: Sequence[str], title: str) -> Path:
     """Test accuracy of each class against its number of training images (log scale), one
@@ -32,12 +42,7 @@ def per_class_accuracy_plot(path: Path, train_counts: Sequence[int], rows: Mappi
     secondary = ax.secondary_xaxis("top")
     secondary.set_xticks(counts)
     secondary.set_xticklabels([class_names[c] for c in order], rotation=60, fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def score_histogram(path: Path, scores, is_new, title: str, bins: int = 40) -> Path:
@@ -56,9 +61,4 @@ def score_histogram(path: Path, scores, is_new, title: str, bins: int = 40) -> P
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
