@@ -12,9 +12,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import crt_cache, data_path, ignite_overhead
+from bench import crt_cache, data_path, ignite_overhead, scoring
 
-BENCHMARKS = {"ignite_overhead": ignite_overhead, "data_path": data_path, "crt_cache": crt_cache}
+BENCHMARKS = {"ignite_overhead": ignite_overhead, "data_path": data_path, "crt_cache": crt_cache,
+              "scoring": scoring}
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -108,6 +108,12 @@ def _counts(class_counts) -> torch.Tensor:
     return counts
 
 
+def log_prior(class_counts) -> torch.Tensor:
+    """``log π_c = log(n_c / N)`` of the training split, float32; refuses an empty class."""
+    counts = _counts(class_counts)
+    return torch.log(counts / counts.sum()).float()
+
+
 def effective_number_weights(class_counts, beta: float) -> torch.Tensor:
     """Class-balanced weights by effective number (Cui et al., CVPR 2019):
     ``w_c ∝ (1 - β) / (1 - β^n_c)``, normalized to sum to the number of classes."""
@@ -136,9 +142,8 @@ class LogitAdjustedLoss(nn.Module):
 
     def __init__(self, class_counts, tau: float = 1.0) -> None:
         super().__init__()
-        counts = _counts(class_counts)
         self.tau = tau
-        self.register_buffer("offset", (tau * torch.log(counts / counts.sum())).float())
+        self.register_buffer("offset", tau * log_prior(class_counts))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits + self.offset, targets)

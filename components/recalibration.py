@@ -19,9 +19,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from components.losses import log_prior
+from components.metrics import per_class_accuracy
 from components.models.heads import CausalNormClassifier, GrowingLinear
 
 
@@ -66,13 +69,9 @@ class PriorAdjusted(nn.Module):
 
     def __init__(self, classifier: nn.Module, class_counts: Sequence[int], tau: float = 1.0) -> None:
         super().__init__()
-        counts = torch.as_tensor(class_counts, dtype=torch.float64)
-        if (counts <= 0).any():
-            raise ValueError("post-hoc logit adjustment needs every class in training, got counts "
-                             f"{counts.tolist()}")
         self.classifier = copy.deepcopy(classifier).eval().requires_grad_(False)
         self.tau = tau
-        self.register_buffer("offset", (tau * torch.log(counts / counts.sum())).float())
+        self.register_buffer("offset", tau * log_prior(class_counts))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features) - self.offset
@@ -99,10 +98,9 @@ def counterfactual(classifier: nn.Module, alpha: float) -> CausalNormClassifier:
 @torch.no_grad()
 def accuracy_of(head: nn.Module, features: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean per-class accuracy of ``head`` on ``features`` (equal to accuracy on a balanced set)."""
-    head.eval()
-    pred = head(features).argmax(1)
-    classes = torch.unique(targets)
-    return float(torch.stack([(pred[targets == c] == c).float().mean() for c in classes]).mean())
+    pred = head.eval()(features).argmax(1).numpy()
+    y = targets.numpy()
+    return float(per_class_accuracy(y, pred, np.unique(y)).mean())
 
 
 def select_on_validation(
@@ -121,7 +119,8 @@ def select_on_validation(
     missing = sorted(set(range(num_classes)) - present)
     if missing:
         raise ValueError(f"the validation split has no image of classes {missing}: hold out at "
-                         "least one image per class (make_protocol.val_per_class)")
-    scores = {float(v): accuracy_of(make_head(v), features, targets) for v in grid}
-    best = max(scores, key=lambda v: (scores[v], -list(scores).index(v)))
-    return best, make_head(best), scores
+                         "least one image of every class")
+    heads = {float(v): make_head(v) for v in grid}
+    scores = {v: accuracy_of(head, features, targets) for v, head in heads.items()}
+    best = max(scores, key=scores.get)  # the first of equal scores
+    return best, heads[best], scores

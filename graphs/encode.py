@@ -34,19 +34,35 @@ def encode(
     views: int = 0,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
+    """Encode (or read from ``cache``) ``images``; see :func:`encode_entry`."""
+    return encode_entry(model, images, augment, cache, device, batch_size, views, seed)[0]
+
+
+def encode_entry(
+    model: nn.Module,
+    images: ImageSet,
+    augment: nn.Module,
+    cache: FeatureCache,
+    device: torch.device,
+    batch_size: int = 512,
+    views: int = 0,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
     """``features``, ``projected``, ``logits``, ``targets`` and ``ids`` (row in ``images``) of
     every image, from the cache when this model, data and preprocessing were encoded before.
 
     ``views=0`` encodes each image once with eval-mode preprocessing. ``views=V`` encodes ``V``
     randomly augmented copies of each image (the augmentation in training mode, the model in
     eval mode, drawn from ``seed``); rows are stacked view by view, ``ids`` says which image.
+
+    Returns the arrays, the cache key and the fingerprints stored with them (:func:`cache_entry`).
     """
     key, parts = cache_entry(model, images, augment, views, seed)
 
     def run() -> dict[str, np.ndarray]:
         model.to(device).eval()
         augment.eval()
-        parts: dict[str, list[torch.Tensor]] = {}
+        chunks: dict[str, list[torch.Tensor]] = {}
 
         @torch.no_grad()
         def step(engine: Engine, batch) -> None:
@@ -54,7 +70,7 @@ def encode(
             out = model.encode(augment(x.to(device)))
             out.update(targets=y, ids=ids)
             for name, value in out.items():
-                parts.setdefault(name, []).append(value.detach().cpu())
+                chunks.setdefault(name, []).append(value.detach().cpu())
 
         engine = Engine(step)
         with progress(engine, f"encode {images.name}", show=None), torch.random.fork_rng(
@@ -66,6 +82,6 @@ def encode(
             for _ in range(max(views, 1)):
                 engine.run(image_loader(images, batch_size, shuffle=False))
         augment.eval()
-        return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
+        return {name: torch.cat(parts).numpy() for name, parts in chunks.items()}
 
-    return cache.get(key, run, dataset=images.name, **parts)
+    return cache.get(key, run, dataset=images.name, **parts), key, parts

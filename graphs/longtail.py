@@ -23,7 +23,7 @@ from torch import nn
 
 from components.cache import FeatureCache, model_fingerprint
 from components.data import ProtocolData
-from graphs.encode import cache_entry, encode
+from graphs.encode import encode_entry
 from graphs.handlers import RunDir, console, save_checkpoint
 from graphs.plots import per_class_accuracy_plot
 from graphs.recalibrate import recalibrate
@@ -75,8 +75,7 @@ def longtail(
     manifest = {"checkpoint": str(checkpoint), "train_counts": list(counts),
                 "class_names": protocol.class_names, "protocol": protocol.name, "caches": {}}
     for split, (images, n_views) in splits.items():
-        encode(net, images, augment, cache, device, views=n_views, seed=seed)
-        key, parts = cache_entry(net, images, augment, n_views, seed)
+        _, key, parts = encode_entry(net, images, augment, cache, device, views=n_views, seed=seed)
         manifest["caches"][split] = {"path": str(cache.path(key)), **parts}
     run_dir.write_json("manifest.json", manifest)
     run_dir.save_operative_config()

@@ -54,8 +54,10 @@ def table(folder: Path) -> str:
         metrics = json.loads(path.read_text())["metrics"]
         stats = [metrics[f"{row}.{c}"] for c in COLUMNS]
         tail = stats[-1]["mean"]
-        base = tail if base is None and run == "ce" and row == "as trained" else base
-        gain = "" if base is None or (run == "ce" and row == "as trained") else f"{100 * (tail - base):+.1f}"
+        if base is None:  # the first row is plain cross-entropy, the reference
+            base, gain = tail, ""
+        else:
+            gain = f"{100 * (tail - base):+.1f}"
         lines.append(f"| {label} | " + " | ".join(cell(s) for s in stats) + f" | {gain} |")
     if missing:
         lines.append(f"\n(not run, so not shown: {', '.join(sorted(set(missing)))})")

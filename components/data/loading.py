@@ -44,11 +44,6 @@ def _keep_batch(batch):
     return batch
 
 
-def class_counts(targets: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
-    """Images per class ``0..num_classes-1`` (default: up to the largest label)."""
-    return torch.bincount(targets, minlength=num_classes or 0)
-
-
 def class_balanced_weights(targets: torch.Tensor) -> torch.Tensor:
     """Per-sample weights ``1 / n_class``: every class is drawn equally often."""
     counts = torch.bincount(targets)
@@ -76,6 +71,7 @@ class ProgressivelyBalancedSampler(Sampler[int]):
         if epochs < 1:
             raise ValueError(f"progressive sampling needs epochs >= 1, got {epochs}")
         self.targets, self.epochs = targets, epochs
+        self.counts = torch.bincount(targets).double()
         self.num_samples = num_samples or len(targets)
         self.generator = generator
         self.epoch = 0
@@ -84,15 +80,13 @@ class ProgressivelyBalancedSampler(Sampler[int]):
         self.epoch = epoch
 
     def class_probabilities(self, epoch: int) -> torch.Tensor:
-        counts = torch.bincount(self.targets).double()
-        present = counts > 0
+        present = self.counts > 0
         t = min(epoch / self.epochs, 1.0)
-        return (1 - t) * counts / counts.sum() + t * present / present.sum()
+        return (1 - t) * self.counts / self.counts.sum() + t * present / present.sum()
 
     def __iter__(self):
         probs = self.class_probabilities(self.epoch)
-        counts = torch.bincount(self.targets).double()
-        weights = (probs / counts.clamp_min(1))[self.targets]
+        weights = (probs / self.counts.clamp_min(1))[self.targets]
         self.epoch += 1
         yield from torch.multinomial(weights, self.num_samples, True, generator=self.generator).tolist()
 
