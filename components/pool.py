@@ -12,36 +12,21 @@ class SamplePool:
     """Holds stream sample ids whose novelty score exceeds ``threshold``.
 
     ``ready`` turns true once the pool holds ``trigger_size`` samples. The threshold is either
-    given, or set by :meth:`calibrate` from scores of known-class data so that a fraction
-    ``known_pass_rate`` of them would stay out of the pool.
+    given, or set by the graph from held-out known-class scores with a rule of
+    :mod:`components.thresholds` (e.g. a 5 % false-alarm rate).
     """
 
-    def __init__(
-        self,
-        trigger_size: int = gin.REQUIRED,
-        threshold: float | None = None,
-        known_pass_rate: float = 0.95,
-    ) -> None:
+    def __init__(self, trigger_size: int = gin.REQUIRED, threshold: float | None = None) -> None:
         if trigger_size < 1:
             raise ValueError(f"trigger_size must be >= 1, got {trigger_size}")
-        if not 0 < known_pass_rate < 1:
-            raise ValueError(f"known_pass_rate must be in (0, 1), got {known_pass_rate}")
         self.trigger_size, self.threshold = trigger_size, threshold
-        self.known_pass_rate = known_pass_rate
         self._ids: list[np.ndarray] = []
-
-    def calibrate(self, known_scores: torch.Tensor | np.ndarray) -> float:
-        """Set the threshold to the ``known_pass_rate`` quantile of known-class scores."""
-        scores = np.asarray(known_scores, dtype=np.float64)
-        if scores.size == 0:
-            raise ValueError("cannot calibrate the pool threshold without known-class scores")
-        self.threshold = float(np.quantile(scores, self.known_pass_rate))
-        return self.threshold
 
     def add(self, ids: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray) -> int:
         """Pool the samples whose score exceeds the threshold; return how many were pooled."""
         if self.threshold is None:
-            raise RuntimeError("SamplePool has no threshold: pass one, or call calibrate() first")
+            raise RuntimeError("SamplePool has no threshold: pass one, or set it from known-class scores "
+                               "(components.thresholds.false_alarm_threshold)")
         ids, scores = np.asarray(ids), np.asarray(scores)
         keep = ids[scores > self.threshold]
         self._ids.append(keep)

@@ -6,11 +6,15 @@
   largest pool whose precision reaches a target;
 * :func:`fit_temperature` — temperature scaling (Guo et al., ICML 2017) on held-out logits.
 
+:class:`FalseAlarmRate` and :class:`PoolPrecision` wrap the first two as rules a graph is given
+(``lifecycle.threshold = @FalseAlarmRate()``); each is called with the held-out known-class
+scores and, for the precision rule, the stream's scores and labels.
 The pool takes samples scoring strictly above the threshold (``SamplePool.add``).
 """
 
 from __future__ import annotations
 
+import gin
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -72,3 +76,40 @@ def fit_temperature(logits, targets, max_iter: int = 100) -> float:
 
     opt.step(closure)
     return float(log_t.detach().exp())
+
+
+@gin.configurable
+class FalseAlarmRate:
+    """Pool threshold letting a fraction ``rate`` of held-out known-class samples into the pool
+    (:func:`false_alarm_threshold`); needs no new-class labels."""
+
+    def __init__(self, rate: float = 0.05) -> None:
+        if not 0 < rate < 1:
+            raise ValueError(f"false-alarm rate must be in (0, 1), got {rate}")
+        self.rate = rate
+
+    def __call__(self, known_scores, stream_scores=None, is_new=None) -> float:
+        return false_alarm_threshold(known_scores, self.rate)
+
+    def __repr__(self) -> str:
+        return f"FalseAlarmRate(rate={self.rate})"
+
+
+@gin.configurable
+class PoolPrecision:
+    """Pool threshold reaching pool precision ``precision`` on a stream whose labels are known
+    (a labeled tuning stream; :func:`precision_threshold`)."""
+
+    def __init__(self, precision: float = 0.9) -> None:
+        if not 0 < precision <= 1:
+            raise ValueError(f"target precision must be in (0, 1], got {precision}")
+        self.precision = precision
+
+    def __call__(self, known_scores, stream_scores=None, is_new=None) -> float:
+        if stream_scores is None or is_new is None:
+            raise ValueError("a threshold for a target pool precision needs the stream's scores and "
+                             "which samples are new (labels known): use FalseAlarmRate otherwise")
+        return precision_threshold(stream_scores, is_new, self.precision)
+
+    def __repr__(self) -> str:
+        return f"PoolPrecision(precision={self.precision})"

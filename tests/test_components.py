@@ -262,26 +262,11 @@ def test_pool_threshold_add_ready_remove():
     assert pool.ids.tolist() == [13] and not pool.ready
 
 
-def test_pool_calibrate_at_known_pass_rate():
-    pool = SamplePool(trigger_size=1, known_pass_rate=0.9)
-    known = np.random.default_rng(0).normal(size=1000)
-    threshold = pool.calibrate(known)
-    assert threshold == pool.threshold == pytest.approx(np.quantile(known, 0.9))
-    assert (known <= threshold).mean() == pytest.approx(0.9, abs=1e-3)  # 90 % stay out
-    pool = SamplePool(trigger_size=1)  # default 0.95
-    assert pool.calibrate(torch.arange(101, dtype=torch.float64) / 100) == pytest.approx(0.95)
-    assert pool.add(np.arange(101), np.arange(101) / 100) == 5  # 0.96 .. 1.00
-
-
 def test_pool_without_threshold_raises():
-    with pytest.raises(RuntimeError, match="calibrate"):
+    with pytest.raises(RuntimeError, match="has no threshold"):
         SamplePool(trigger_size=2).add(np.array([1]), np.array([0.3]))
     with pytest.raises(ValueError):
         SamplePool(trigger_size=0)
-    with pytest.raises(ValueError):
-        SamplePool(trigger_size=1, known_pass_rate=1.0)
-    with pytest.raises(ValueError):
-        SamplePool(trigger_size=1).calibrate(np.array([]))
 
 
 # --------------------------------------------------------------------------------------------
