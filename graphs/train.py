@@ -90,29 +90,55 @@ def train(
     batch_size: int = 64,
     sampler: str = "class_balanced",
     loss: nn.Module | Callable[..., nn.Module] | None = None,
+    confidence_loss: nn.Module | None = None,
+    confidence_weight: float = 1.0,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
     seed: int = 0,
     on_first_step: Callable[[], None] | None = None,
 ) -> Engine:
     """Train ``model`` on labeled images with ``loss`` (cross-entropy by default, or a balanced
     loss built from the split's class counts, see :func:`make_loss`) on augmented batches drawn
-    by ``sampler`` (``instance``, ``class_balanced``, ``sqrt`` or ``progressive``)."""
+    by ``sampler`` (``instance``, ``class_balanced``, ``sqrt`` or ``progressive``).
+
+    A model with a confidence head (``Network.confidence``) trains it at the same time with
+    ``confidence_weight · confidence_loss`` (e.g. :class:`EvidentialLoss`) on the same features.
+    """
     model.to(device)
     opt = optimizer(model.parameters())
     criterion = make_loss(loss, images, getattr(model, "num_classes", 0))
-    if isinstance(criterion, nn.Module):
-        criterion.to(device)
+    head_loss = _confidence_loss(model, confidence_loss, "train")
+    for module in (criterion, head_loss):
+        if isinstance(module, nn.Module):
+            module.to(device)
 
     def update(engine: Engine, batch) -> dict[str, float]:
         x, y = _batch(batch, device, model, augment)
         # encode, not forward: the projector's BatchNorm statistics follow the features even
         # though only the classifier is trained here.
-        return _step(opt, criterion(model.encode(augment(x))["logits"], y))
+        out = model.encode(augment(x))
+        value = criterion(out["logits"], y)
+        if head_loss is not None:
+            value = value + confidence_weight * head_loss(out["evidence"], y)
+        return _step(opt, value)
 
     loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed, epochs=epochs)
     engine = Engine(update)
     _follow_epochs(engine, criterion)
+    _follow_epochs(engine, head_loss)
     return _fit(engine, loader, opt, epochs, f"train {images.name}", on_first_step)
+
+
+def _confidence_loss(model: nn.Module, loss: nn.Module | None, graph: str) -> nn.Module | None:
+    """The loss of the model's confidence head; a head without a loss (or the reverse) is an
+    error, since one of the two would silently do nothing."""
+    has_head = getattr(model, "confidence", None) is not None
+    if has_head and loss is None:
+        raise ValueError(f"the model has a confidence head but {graph}.confidence_loss is not set: "
+                         f"bind {graph}.confidence_loss = @EvidentialLoss() (or drop Network.confidence)")
+    if loss is not None and not has_head:
+        raise ValueError(f"{graph}.confidence_loss is set but the model has no confidence head: "
+                         "bind Network.confidence = @EvidentialHead")
+    return loss
 
 
 @gin.configurable(denylist=["student", "teacher", "images", "augment", "device"])
@@ -126,24 +152,34 @@ def distill(
     epochs: int = 30,
     batch_size: int = 64,
     sampler: str = "class_balanced",
+    confidence_loss: nn.Module | None = None,
+    confidence_weight: float = 1.0,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
     seed: int = 0,
 ) -> Engine:
     """Teach ``student`` (grown classifier) from labels and pseudo-labels in ``images`` and
-    from ``teacher``'s old-class outputs on the same augmented batch."""
+    from ``teacher``'s old-class outputs on the same augmented batch. A confidence head grown
+    with the classifier learns the new classes from the same labels (``confidence_loss``)."""
     student.to(device)
     teacher.to(device).eval()
     opt = optimizer(student.parameters())
+    head_loss = _confidence_loss(student, confidence_loss, "distill")
 
     def update(engine: Engine, batch) -> dict[str, float]:
         x, y = _batch(batch, device, student, augment)
         x = augment(x)
         with torch.no_grad():
             teacher_logits = teacher(x)
-        return _step(opt, loss(student(x), y, teacher_logits))
+        if head_loss is None:
+            return _step(opt, loss(student(x), y, teacher_logits))
+        out = student.encode(x)
+        value = loss(out["logits"], y, teacher_logits) + confidence_weight * head_loss(out["evidence"], y)
+        return _step(opt, value)
 
     loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
-    return _fit(Engine(update), loader, opt, epochs, f"distill {images.name}", None)
+    engine = Engine(update)
+    _follow_epochs(engine, head_loss)
+    return _fit(engine, loader, opt, epochs, f"distill {images.name}", None)
 
 
 @gin.configurable(denylist=["model", "labeled", "unlabeled", "augment", "device"])

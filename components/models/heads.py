@@ -72,6 +72,14 @@ class GrowingLinear(nn.Module):
 
 
 @gin.configurable
+class EvidentialHead(GrowingLinear):
+    """A confidence head beside the classifier: a linear map from features to ``K`` evidence
+    logits, ``α = relu(z) + 1`` (Sensoy et al., NeurIPS 2018). Trained with
+    :class:`components.losses.EvidentialLoss` (``train.confidence_loss``) while the classifier
+    keeps its cross-entropy; scored by :class:`components.scores.EvidentialUncertainty`."""
+
+
+@gin.configurable
 class CosineLinear(GrowingLinear):
     """Cosine classifier: ``cos(x, w_c)`` per class, no bias (the normalized linear layer LDAM
     uses, Cao et al. 2019; the loss supplies the scale)."""

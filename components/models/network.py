@@ -18,8 +18,10 @@ class Network(nn.Module):
 
     ``projector`` is a factory taking the feature width, so its sizes can be bound in gin;
     ``classifier`` one taking (width, classes): :class:`GrowingLinear`, :class:`CosineLinear`
-    or :class:`CausalNormClassifier`.
-    ``forward`` returns logits; :meth:`encode` returns features, projections and logits.
+    or :class:`CausalNormClassifier`; ``confidence`` an optional second head of the same shape
+    (:class:`EvidentialHead`) that scores how sure the model is.
+    ``forward`` returns logits; :meth:`encode` returns features, projections and logits, and the
+    confidence head's output as ``evidence`` when there is one.
     """
 
     def __init__(
@@ -28,6 +30,7 @@ class Network(nn.Module):
         num_classes: int = gin.REQUIRED,
         projector: Callable[[int], nn.Module] = MLPProjector,
         classifier: Callable[[int, int], GrowingLinear] = GrowingLinear,
+        confidence: Callable[[int, int], GrowingLinear] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -35,6 +38,7 @@ class Network(nn.Module):
         self.backbone = backbone
         self.projector = projector(backbone.out_dim)
         self.classifier = classifier(backbone.out_dim, num_classes)
+        self.confidence = confidence(backbone.out_dim, num_classes) if confidence else None
 
     @property
     def num_classes(self) -> int:
@@ -45,8 +49,19 @@ class Network(nn.Module):
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)
-        return {
+        out = {
             "features": features,
             "projected": self.projector(features),
             "logits": self.classifier(features),
         }
+        if self.confidence is not None:
+            out["evidence"] = self.confidence(features)
+        return out
+
+    def grow(self, k: int, rows: torch.Tensor | None = None) -> Network:
+        """Grow the classifier by ``k`` classes (``rows`` initialize them, see
+        :meth:`GrowingLinear.grow`) and the confidence head with it (default init)."""
+        self.classifier.grow(k, rows)
+        if self.confidence is not None:
+            self.confidence.grow(k)
+        return self
