@@ -13,6 +13,7 @@ Two forms, one convention:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import gin
@@ -125,15 +126,32 @@ class Energy(Score):
 
 @gin.configurable
 class EvidentialUncertainty(Score):
-    """Dirichlet uncertainty ``K / Σ α`` with ``α = relu(z) + 1`` (Sensoy et al., NeurIPS 2018),
-    for a classifier trained with :class:`components.losses.EvidentialLoss`."""
+    """Dirichlet uncertainty ``K / Σ α`` with ``α = relu(z) + 1`` (Sensoy et al., NeurIPS 2018).
+
+    ``z`` is the ``evidence`` output of an :class:`~components.models.EvidentialHead` trained
+    with :class:`~components.losses.EvidentialLoss` beside the classifier (the default), or the
+    classifier's own logits (``key="logits"``) when the classifier itself was trained with it.
+    """
 
     name = "evidential"
 
+    def __init__(self, key: str = "evidence") -> None:
+        self.key = key
+
     def __call__(self, outputs: Outputs) -> torch.Tensor:
-        logits = _get(outputs, "logits", self.name)
-        alpha = torch.relu(logits) + 1
-        return logits.shape[1] / alpha.sum(dim=1)
+        if not isinstance(outputs, torch.Tensor) and self.key not in outputs:
+            raise ValueError(
+                f"evidential uncertainty reads {self.key!r}, which these outputs lack (they have "
+                f"{sorted(outputs)}): give the model an evidential head (Network.confidence = "
+                "@EvidentialHead, train.confidence_loss = @EvidentialLoss()), or use key='logits' "
+                "for a classifier trained with EvidentialLoss"
+            )
+        evidence = outputs if isinstance(outputs, torch.Tensor) else _get(outputs, self.key, self.name)
+        alpha = torch.relu(evidence) + 1
+        return evidence.shape[1] / alpha.sum(dim=1)
+
+    def __repr__(self) -> str:
+        return f"EvidentialUncertainty(key={self.key!r})"
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -150,15 +168,25 @@ def _needs_fit(score: Score, fitted: bool) -> None:
 
 @gin.configurable
 class KNNDistance(Score):
-    """Distance to the ``k``-th nearest L2-normalized training feature (Sun et al., ICML 2022),
-    searched exactly with faiss."""
+    """Distance to the ``k``-th nearest L2-normalized training feature (Sun et al., ICML 2022).
+
+    ``nlist=None`` searches exactly (faiss ``IndexFlatL2``). ``nlist=L`` searches approximately
+    with faiss's inverted file (``IndexIVFFlat``: the bank is split into ``L`` k-means cells and
+    each query visits its ``nprobe`` nearest cells), which trades a little accuracy of the
+    distance for several times the speed on long streams (see ``bench/scoring.py``). A bank
+    smaller than ``39 · L`` (faiss's minimum for training the cells) is searched exactly, with a
+    warning: its cells would hold too few neighbours, and exact search of it is fast anyway.
+    """
 
     name = "knn"
 
-    def __init__(self, k: int = 50) -> None:
+    def __init__(self, k: int = 50, nlist: int | None = None, nprobe: int = 4) -> None:
         if k < 1:
             raise ValueError(f"kNN needs k >= 1, got {k}")
-        self.k = k
+        if nlist is not None and not 1 <= nprobe <= nlist:
+            raise ValueError(f"kNN needs 1 <= nprobe <= nlist, got nprobe={nprobe}, nlist={nlist}")
+        self.k, self.nlist, self.nprobe = k, nlist, nprobe
+        self.name = f"knn-k{k}" + ("" if nlist is None else f"-ivf{nlist}")
         self.index = None
 
     def fit(self, train: Outputs) -> KNNDistance:
@@ -169,7 +197,18 @@ class KNNDistance(Score):
             raise ValueError(f"kNN with k={self.k} needs at least {self.k} training features, got "
                              f"{len(features)}: lower k")
         features = _unit_rows(features)
-        self.index = faiss.IndexFlatL2(features.shape[1])
+        dim = features.shape[1]
+        if self.nlist is not None and len(features) < 39 * self.nlist:
+            warnings.warn(f"kNN: {len(features)} training features are too few for {self.nlist} "
+                          f"IVF cells (faiss wants {39 * self.nlist}); searching them exactly",
+                          stacklevel=2)
+        if self.nlist is None or len(features) < 39 * self.nlist:
+            self.index = faiss.IndexFlatL2(dim)
+        else:
+            self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.nlist)
+            self.index.cp.seed = 0  # the cells' k-means: same bank, same cells
+            self.index.train(features)
+            self.index.nprobe = self.nprobe
         self.index.add(features)
         return self
 
@@ -177,10 +216,16 @@ class KNNDistance(Score):
         _needs_fit(self, self.index is not None)
         x = _unit_rows(_get(outputs, "features", "kNN").numpy())
         distances, _ = self.index.search(x, self.k)  # squared L2, ascending
-        return torch.from_numpy(np.sqrt(np.maximum(distances[:, -1], 0.0)))
+        kth = distances[:, -1]
+        # an approximate search can find fewer than k neighbours in the visited cells (faiss
+        # pads with +inf / 3.4e38): those samples are far from everything, score them at the
+        # largest possible distance between unit vectors
+        kth = np.where(kth > 4.0, 4.0, kth)
+        return torch.from_numpy(np.sqrt(np.maximum(kth, 0.0)))
 
     def __repr__(self) -> str:
-        return f"KNNDistance(k={self.k})"
+        approx = "" if self.nlist is None else f", nlist={self.nlist}, nprobe={self.nprobe}"
+        return f"KNNDistance(k={self.k}{approx})"
 
 
 @gin.configurable

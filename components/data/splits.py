@@ -96,6 +96,7 @@ def make_protocol(
     seed: int = 0,
     name: str = "protocol",
     val_per_class: int = 0,
+    val_partial: bool = False,
     source_sets: tuple[ImageSet, ImageSet] | None = None,
 ) -> ProtocolData:
     """Build the labeled set, the stream and the test set by the split rule of DESIGN.md.
@@ -107,7 +108,10 @@ def make_protocol(
     ``val_per_class > 0`` also holds out a class-balanced validation set of that many images per
     old class, taken from the first-half images the long-tail profile left out (as ImageNet-LT's
     balanced validation set was drawn from what the subsampling left); it never overlaps the
-    labeled set, the stream or the test set.
+    labeled set, the stream or the test set. A class with fewer spare images is an error, unless
+    ``val_partial=True``: then it gives what it has (the head class of a profile whose ``n_max``
+    is the whole first half has none) and a warning names it. That suits a held-out set for the
+    pool threshold, which needs known-class samples, not an exact balance.
     """
     train, test = source_sets if source_sets is not None else source()
     all_classes = sorted(int(c) for c in torch.unique(train.targets))
@@ -153,11 +157,17 @@ def make_protocol(
     if val_per_class > 0:
         spare = {c: first[c][n:] for c, n in zip(old, counts, strict=True)}
         short = {train.classes[c]: len(v) for c, v in spare.items() if len(v) < val_per_class}
-        if short:
+        if short and not val_partial:
             raise ValueError(
                 f"val_per_class={val_per_class} but these classes have fewer images left after "
-                f"long-tail subsampling: {short}; lower val_per_class or n_max"
+                f"long-tail subsampling: {short}; lower val_per_class or n_max, or pass "
+                "val_partial=True to take what is left"
             )
+        if short:
+            warnings.warn(f"validation split: these classes have fewer than {val_per_class} spare "
+                          f"images and give what they have: {short}", stacklevel=2)
+        if sum(min(len(v), val_per_class) for v in spare.values()) == 0:
+            raise ValueError("no old class has an image left for the validation split: lower n_max")
         val_index = np.concatenate([spare[c][:val_per_class] for c in old])
         val = remapped(train.subset(val_index, f"{name}/val"))
     stream_index = np.concatenate([second[c] for c in all_classes]) if halve else np.array([], int)
