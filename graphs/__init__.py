@@ -3,5 +3,6 @@
 from graphs import recalibrate
 from graphs.lifecycle import lifecycle
 from graphs.longtail import longtail, recalibrate_run
+from graphs.novelty import novelty
 
-__all__ = ["lifecycle", "longtail", "recalibrate", "recalibrate_run"]
+__all__ = ["lifecycle", "longtail", "novelty", "recalibrate", "recalibrate_run"]

@@ -21,9 +21,11 @@ from components.data import ImageSet, ProtocolData
 from components.metrics import clustering_accuracy, novelty_metrics, pool_quality
 from components.pool import SamplePool
 from components.scores import Score
+from components.thresholds import FalseAlarmRate
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.handlers import RunDir, console, save_checkpoint
+from graphs.novelty import assess, scaled, temperature_of
 from graphs.online import online, score_outputs
 from graphs.train import adapt, distill, train
 
@@ -38,11 +40,18 @@ def lifecycle(
     pool: SamplePool = gin.REQUIRED,
     labeler: Callable = gin.REQUIRED,
     cache: FeatureCache = gin.REQUIRED,
+    threshold: Callable = FalseAlarmRate(),
+    temperature_scaling: bool = True,
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "features",
     seed: int = 0,
 ) -> dict:
-    """Run the loop once on ``data()`` and return (and write) its metrics."""
+    """Run the loop once on ``data()`` and return (and write) its metrics.
+
+    The pool threshold comes from ``pool.threshold`` when given, else from the ``threshold``
+    rule on held-out known-class images (``make_protocol.val_per_class``), after temperature
+    scaling fitted on the same images when ``temperature_scaling``.
+    """
     if cluster_on not in ("features", "projected"):
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
     started = time.perf_counter()
@@ -66,12 +75,22 @@ def lifecycle(
     # 2. online: score the stream, pool low-confidence samples
     cached = {s: encode(teacher, getattr(protocol, s), augment, cache, device)
               for s in ("labeled", "stream", "test")}
-    if isinstance(score, Score):
-        score.fit(cached["labeled"])  # kNN / Mahalanobis learn from the labeled features
+    cached["val"] = encode(teacher, protocol.val, augment, cache, device) if protocol.val else None
+    notes: list[str] = []
+    temperature = 1.0
+    if temperature_scaling:
+        temperature, why = temperature_of(cached["val"])
+        notes += [why] if why else []
+    stream, val = scaled(cached["stream"], temperature), scaled(cached["val"], temperature)
+    if pool.threshold is None:
+        pool.threshold = _pool_threshold(score, scaled(cached["labeled"], temperature), val, stream,
+                                         protocol.n_old, threshold, notes)
+    elif isinstance(score, Score):
+        score.fit(cached["labeled"])
+    for note in notes:
+        console.log(f"[yellow]{note}[/]")
     threshold = pool.threshold
-    if threshold is None:
-        threshold = pool.calibrate(score_outputs(score, cached["labeled"]))
-    position, scores = online(cached["stream"], score, pool)
+    position, scores = online(stream, score, pool)
     stream_targets = cached["stream"]["targets"]
     seen_new = stream_targets[:position] >= protocol.n_old
     pooled = np.isin(np.arange(position), pool.ids)
@@ -106,7 +125,7 @@ def lifecycle(
     student = learner
     features = cached_pool["features"]
     rows = np.stack([features[result.labels == protocol.n_old + j].mean(0) for j in range(k_new)])
-    student.classifier.grow(k_new, torch.from_numpy(rows).to(device))
+    student.grow(k_new, torch.from_numpy(rows).to(device))
     taught = ImageSet(
         torch.cat([protocol.labeled.images, pool_images.images]),
         torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels)]),
@@ -128,6 +147,8 @@ def lifecycle(
         "teacher_old_accuracy": before["accuracy"]["old"],
         "novelty": novelty_metrics(scores, seen_new),
         "pool": pool_quality(pooled, seen_new) | {"threshold": threshold},
+        "temperature": temperature,
+        "notes": notes,
         "pool_clustering": pool_clusters,
         "k_new": k_new,
         "seconds": time.perf_counter() - started,
@@ -135,3 +156,17 @@ def lifecycle(
     run_dir.save_operative_config()
     run_dir.write_json("metrics.json", metrics)
     return metrics
+
+
+def _pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, notes: list[str]) -> float:
+    """The pool threshold by ``rule`` (fits ``score`` on the labeled outputs). Without held-out
+    images, or when the rule cannot be met, fall back to the labeled images' scores at a 5 %
+    false-alarm rate, and say so in ``notes``: the run goes on and reports it."""
+    chosen = assess(score, labeled, val, stream, n_old, rule)
+    if "threshold_error" not in chosen:
+        return chosen["pool"]["threshold"]
+    fallback = FalseAlarmRate(0.05)
+    notes.append(f"{chosen['threshold_error']} -- falling back to {fallback!r} on the labeled "
+                 "training images, whose scores are more confident than unseen images' (more "
+                 "samples of old classes will enter the pool)")
+    return fallback(score_outputs(score, labeled).numpy())

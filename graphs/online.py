@@ -33,12 +33,12 @@ def online(
     batch_size: int = 32,
 ) -> tuple[int, np.ndarray]:
     """Feed the stream's cached outputs from ``start`` in batches to ``score`` (a
-    :class:`Score` sees logits and features, a plain function the logits) and ``pool``.
+    :class:`Score` sees every cached output, a plain function the logits) and ``pool``.
 
     Stops after the batch that makes the pool ready (firing ``PoolEvents.POOL_READY``) or at
     the end of the stream. Returns the next stream position and the scores seen.
     """
-    arrays = {k: torch.from_numpy(np.asarray(stream[k])) for k in ("logits", "features") if k in stream}
+    arrays = {k: torch.from_numpy(np.asarray(v)) for k, v in stream.items() if k not in ("ids", "targets")}
     n = len(arrays["logits"])
     bounds = [(lo, min(lo + batch_size, n)) for lo in range(start, n, batch_size)]
     seen: list[torch.Tensor] = []

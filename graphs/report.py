@@ -48,6 +48,28 @@ def longtail_table(metrics: dict) -> Table:
     return table
 
 
+def novelty_table(m: dict) -> Table:
+    acc = m["old_accuracy"]
+    table = Table(title=f"{m['protocol']} (seed {m['seed']}, {m['seconds']:.0f} s): novelty scores "
+                        f"on the stream, new = positive; old-class test accuracy {_pct(acc['all'])} %, "
+                        f"T = {m['temperature']:.2f}, pool by {m['threshold_rule']}")
+    for column in ("score", "AUROC", "FPR@95", "AUPR new", "AUPR old", "pool precision", "pool recall"):
+        table.add_column(column, justify="left" if column == "score" else "right")
+    for name, row in m["scores"].items():
+        if "error" in row:
+            table.add_row(name, f"[yellow]not measured: {row['error']}[/]")
+            continue
+        n, pool = row["novelty"], row["pool"]
+        table.add_row(name, *(f"{n[k]:.3f}" for k in ("auroc", "fpr95", "aupr_new", "aupr_old")),
+                      _pct(pool["precision"]), _pct(pool["recall"]))
+    return table
+
+
 def show_metrics(m: dict) -> None:
-    """Print the end-of-run table of a lifecycle or a long-tail run."""
-    console.print(longtail_table(m) if "methods" in m else metrics_table(m))
+    """Print the end-of-run table of a lifecycle, long-tail or novelty run."""
+    if "methods" in m:
+        console.print(longtail_table(m))
+    elif "scores" in m:
+        console.print(novelty_table(m))
+    else:
+        console.print(metrics_table(m))

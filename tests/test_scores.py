@@ -24,7 +24,13 @@ from components.scores import (
     energy,
     max_softmax,
 )
-from components.thresholds import false_alarm_threshold, fit_temperature, precision_threshold
+from components.thresholds import (
+    FalseAlarmRate,
+    PoolPrecision,
+    false_alarm_threshold,
+    fit_temperature,
+    precision_threshold,
+)
 from graphs.online import online
 from graphs.plots import score_histogram
 
@@ -160,3 +166,101 @@ def test_score_histogram_is_written(tmp_path):
     path = score_histogram(tmp_path / "hist.png", np.r_[np.zeros(50), np.ones(20)],
                            np.r_[np.zeros(50, bool), np.ones(20, bool)], "energy")
     assert path.exists() and path.stat().st_size > 5_000
+
+
+# --------------------------------------------------------------------------------------------
+# threshold rules, approximate kNN, the evidential head, and assess (one score, measured)
+# --------------------------------------------------------------------------------------------
+
+
+def test_threshold_rules_call_the_functions_and_say_what_they_need():
+    known = np.arange(1000, dtype=float)
+    assert FalseAlarmRate(0.05)(known) == false_alarm_threshold(known, 0.05)
+    scores, is_new = [5.0, 4.0, 3.0, 2.0, 1.0], [1, 1, 0, 1, 0]
+    assert PoolPrecision(0.75)(None, scores, is_new) == 1.5
+    with pytest.raises(ValueError, match="labels known"):
+        PoolPrecision(0.9)(known)
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        FalseAlarmRate(1.5)
+
+
+def test_ivf_knn_searching_every_cell_is_the_exact_knn():
+    """With nprobe = nlist the inverted file visits the whole bank: exactly the flat search."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(400, 8, generator=g) + 3 * torch.randn(8, 8, generator=g)[torch.arange(400) % 8]
+    bank, stream = {"features": train}, {"features": torch.randn(100, 8, generator=g)}
+    exact = KNNDistance(k=5).fit(bank)(stream)
+    every_cell = KNNDistance(k=5, nlist=8, nprobe=8).fit(bank)(stream)
+    assert torch.allclose(exact, every_cell, atol=1e-5)
+    few_cells = KNNDistance(k=5, nlist=8, nprobe=1)
+    few_cells.fit(bank)
+    assert type(few_cells.index).__name__ == "IndexIVFFlat"
+    assert (few_cells(stream) >= exact - 1e-5).all()  # fewer candidates: the k-th is never nearer
+    assert KNNDistance(k=5, nlist=4).name == "knn-k5-ivf4"
+    with pytest.raises(ValueError, match="nprobe"):
+        KNNDistance(k=5, nlist=4, nprobe=8)
+    with pytest.warns(UserWarning, match="searching them exactly"):  # 400 < 39 * 16
+        small = KNNDistance(k=5, nlist=16, nprobe=1).fit(bank)
+    assert torch.allclose(small(stream), exact)
+
+
+def test_evidential_uncertainty_reads_the_head_and_says_how_to_get_one():
+    evidence = torch.tensor([[2.0, -1.0, 0.0]])
+    outputs = {"logits": torch.zeros(1, 3), "evidence": evidence}
+    assert EvidentialUncertainty()(outputs).item() == pytest.approx(0.6)
+    assert EvidentialUncertainty(key="logits")({"logits": evidence}).item() == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="Network.confidence = @EvidentialHead"):
+        EvidentialUncertainty()({"logits": evidence})
+
+
+def _tiny_protocol_outputs(with_val: bool = True, with_new: bool = True):
+    """Cached-output dicts of a labeled set, held-out set and a stream: old classes are three
+    blobs, new-class samples sit far from all of them; logits are distances to the old means."""
+    train, targets = _features()
+    means = torch.stack([train[targets == c].mean(0) for c in range(3)])
+
+    def outputs(x, y):
+        return {"features": x.numpy(), "logits": (-torch.cdist(x, means)).numpy(), "targets": y.numpy()}
+
+    val_x, val_y = _features(seed=1)
+    old_x, old_y = _features(seed=2)
+    new_x = torch.randn(60, 4, generator=torch.Generator().manual_seed(3)) * 0.5 - 4.0
+    stream_x = torch.cat([old_x, new_x]) if with_new else old_x
+    stream_y = torch.cat([old_y, torch.full((60,), 3)]) if with_new else old_y
+    return (outputs(train, targets), outputs(val_x, val_y) if with_val else None,
+            outputs(stream_x, stream_y))
+
+
+def test_assess_measures_against_sklearn_and_thresholds_on_held_out_data():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from graphs.novelty import assess
+
+    labeled, val, stream = _tiny_protocol_outputs()
+    row = assess(KNNDistance(k=5), labeled, val, stream, n_old=3, threshold=FalseAlarmRate(0.05))
+    is_new = stream["targets"] >= 3
+    assert row["novelty"]["auroc"] == pytest.approx(roc_auc_score(is_new, row["scores"]))
+    assert row["novelty"]["aupr_new"] == pytest.approx(average_precision_score(is_new, row["scores"]))
+    assert row["novelty"]["auroc"] > 0.95  # far blobs are easy
+    val_scores = KNNDistance(k=5).fit(labeled)(val).numpy()
+    assert row["pool"]["threshold"] == pytest.approx(np.quantile(val_scores, 0.95))
+    pooled = row["scores"] > row["pool"]["threshold"]
+    assert row["pool"]["precision"] == pytest.approx(is_new[pooled].mean())
+    assert row["pool"]["recall"] == pytest.approx(pooled[is_new].mean())
+
+
+def test_assess_reports_what_it_can_on_bad_input():
+    from graphs.novelty import assess
+
+    labeled, _, stream = _tiny_protocol_outputs(with_val=False)
+    row = assess(MaxSoftmax(), labeled, None, stream, n_old=3, threshold=FalseAlarmRate())
+    assert "held-out known-class" in row["threshold_error"] and "val_per_class" in row["threshold_error"]
+    assert row["novelty"]["auroc"] > 0.9 and math.isnan(row["pool"]["precision"])
+
+    labeled, val, old_only = _tiny_protocol_outputs(with_new=False)
+    row = assess(Energy(), labeled, val, old_only, n_old=3, threshold=PoolPrecision(0.9))
+    assert "needs new-class samples" in row["threshold_error"]
+    assert "no new" in row["novelty_error"] and math.isnan(row["novelty"]["auroc"])
+
+    with pytest.raises(ValueError, match="needs 'features'"):
+        assess(KNNDistance(k=5), None, val, stream, n_old=3)
