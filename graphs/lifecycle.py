@@ -25,7 +25,7 @@ from components.thresholds import FalseAlarmRate
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.handlers import RunDir, console, save_checkpoint
-from graphs.novelty import assess, scaled, temperature_of
+from graphs.novelty import FIVE_PERCENT_FALSE_ALARMS, assess, scaled, temperature_of
 from graphs.online import online, score_outputs
 from graphs.train import adapt, distill, train
 
@@ -40,7 +40,7 @@ def lifecycle(
     pool: SamplePool = gin.REQUIRED,
     labeler: Callable = gin.REQUIRED,
     cache: FeatureCache = gin.REQUIRED,
-    threshold: Callable = FalseAlarmRate(),
+    threshold: Callable = FIVE_PERCENT_FALSE_ALARMS,
     temperature_scaling: bool = True,
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "features",

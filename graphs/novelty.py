@@ -36,6 +36,7 @@ from graphs.train import train
 
 Arrays = Mapping[str, np.ndarray]
 NAN = float("nan")
+FIVE_PERCENT_FALSE_ALARMS = FalseAlarmRate(0.05)  # the default rule (immutable, safe to share)
 
 
 def scaled(outputs: Arrays | None, temperature: float) -> dict[str, np.ndarray] | None:
@@ -64,7 +65,7 @@ def known_scores(score: Score | Callable, val: Arrays | None) -> np.ndarray:
 
 
 def assess(score: Score | Callable, train_outputs: Arrays | None, val: Arrays | None,
-           stream: Arrays, n_old: int, threshold: Callable = FalseAlarmRate()) -> dict:
+           stream: Arrays, n_old: int, threshold: Callable = FIVE_PERCENT_FALSE_ALARMS) -> dict:
     """Fit ``score`` on the labeled outputs, score the held-out and stream outputs, pick the
     pool threshold with ``threshold`` and measure. Returns the novelty metrics, the pool's
     precision / recall / size at the threshold and the stream scores (``"scores"``).
@@ -105,7 +106,7 @@ def novelty(
     augment: nn.Module = gin.REQUIRED,
     cache: FeatureCache = gin.REQUIRED,
     scores: Sequence[Score | Callable] = gin.REQUIRED,
-    threshold: Callable = FalseAlarmRate(),
+    threshold: Callable = FIVE_PERCENT_FALSE_ALARMS,
     temperature_scaling: bool = True,
     seed: int = 0,
 ) -> dict:
@@ -118,7 +119,7 @@ def novelty(
     if len(protocol.stream) == 0:
         raise ValueError(f"{protocol.name} has no stream to score: give the protocol new classes")
     if not scores:
-        raise ValueError("novelty.scores is empty: bind a list of scores, e.g. [@MaxSoftmax(), @KNNDistance()]")
+        raise ValueError("novelty.scores is empty: bind a list, e.g. [@MaxSoftmax(), @KNNDistance()]")
     console.log(f"[bold]{protocol.name}[/]: {protocol.n_old} old classes ({len(protocol.labeled)} "
                 f"labeled, {len(protocol.val) if protocol.val is not None else 0} held out), "
                 f"stream {len(protocol.stream)}; device {device}")

@@ -11,6 +11,6 @@ from components.models.heads import (
 from components.models.network import Network
 
 __all__ = [
-    "CausalNormClassifier", "CosineLinear", "EvidentialHead", "GrowingLinear", "MLPProjector", "Network", "SmallConvNet",
-    "TorchvisionBackbone",
+    "CausalNormClassifier", "CosineLinear", "EvidentialHead", "GrowingLinear", "MLPProjector", "Network",
+    "SmallConvNet", "TorchvisionBackbone",
 ]
