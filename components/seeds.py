@@ -27,6 +27,13 @@ REPORTED = [
 
 
 LONGTAIL = ("all", "many", "medium", "few", "tail3")
+NOVELTY = [("novelty", "auroc"), ("novelty", "fpr95"), ("novelty", "aupr_new"), ("novelty", "aupr_old"),
+           ("pool", "precision"), ("pool", "recall")]
+
+
+def _novelty_value(row: dict, group: str, key: str) -> float:
+    """One metric of one score in a novelty run; NaN where the score could not be measured."""
+    return float(row[group][key]) if group in row else float("nan")
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -36,7 +43,15 @@ def _stats(values: Sequence[float]) -> dict:
 
 def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Mean, std and per-seed values of each reported metric; a long-tail run reports every
-    method's overall, many / medium / few and tail-3 accuracy (``"<method>.<metric>"``)."""
+    method's overall, many / medium / few and tail-3 accuracy (``"<method>.<metric>"``), a
+    novelty run every score's AUROC, FPR95, AUPRs and pool precision / recall."""
+    if "scores" in runs[0]:
+        out = {"old_accuracy.all": _stats([r["old_accuracy"]["all"] for r in runs])}
+        for score in runs[0]["scores"]:
+            for group, key in NOVELTY:
+                out[f"{score}.{key}"] = _stats([_novelty_value(r["scores"][score], group, key) for r in runs])
+        out["seconds"] = _stats([r["seconds"] for r in runs])
+        return out
     if "methods" in runs[0]:
         out = {f"{method}.{key}": _stats([r["methods"][method][key] for r in runs])
                for method in runs[0]["methods"] for key in LONGTAIL}
@@ -50,10 +65,10 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
 
 
 def _fmt(name: str, value: float) -> str:
-    """Seconds as they are, AUROC as a fraction, everything else as a percentage."""
+    """Seconds as they are, AUROC / FPR95 / AUPR as fractions, everything else as a percentage."""
     if name == "seconds":
         return f"{value:.1f}"
-    return f"{value:.3f}" if "auroc" in name else f"{100 * value:.1f}"
+    return f"{value:.3f}" if any(k in name for k in ("auroc", "fpr95", "aupr")) else f"{100 * value:.1f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
