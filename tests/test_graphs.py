@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from components.cache import FeatureCache
@@ -119,3 +120,32 @@ def test_evaluate_matches_new_clusters_by_hungarian():
     assert result["accuracy"]["all"] == 1.0 and result["accuracy"]["new"] == 1.0
     assert result["shots"]["many"] == 1.0 and result["shots"]["few"] == 1.0
     assert np.isnan(result["shots"]["medium"])
+
+
+def test_evidential_head_trains_beside_the_classifier_and_grows_with_it():
+    from components.losses import EvidentialLoss
+    from components.models import EvidentialHead
+    from components.scores import EvidentialUncertainty
+
+    images = _images(48)
+    torch.manual_seed(0)
+    model = Network(SmallConvNet(in_channels=1, width=4), 3, confidence=EvidentialHead)
+    with pytest.raises(ValueError, match="confidence_loss"):  # a head nobody trains
+        train(model, images, BatchAugment(), CPU, epochs=1, optimizer=_sgd)
+    with pytest.raises(ValueError, match="no confidence head"):  # a loss with nothing to train
+        train(_net(), images, BatchAugment(), CPU, epochs=1, optimizer=_sgd, confidence_loss=EvidentialLoss())
+    x = BatchAugment()(images.images)
+    model.eval()
+    with torch.no_grad():
+        before = EvidentialUncertainty()(model.encode(x)).mean()
+    train(model, images, BatchAugment(), CPU, epochs=15, batch_size=16, optimizer=_sgd,
+          confidence_loss=EvidentialLoss(anneal_epochs=5))
+    model.eval()
+    with torch.no_grad():
+        out = model.encode(x)
+    # the head learned evidence for the right class: confident (low K / S) and correct
+    assert EvidentialUncertainty()(out).mean() < before
+    assert (out["evidence"].argmax(1) == images.targets).float().mean() > 0.9
+    assert (out["logits"].argmax(1) == images.targets).float().mean() > 0.9
+    model.grow(2)
+    assert model.encode(x)["evidence"].shape == (48, 5) and model.num_classes == 5

@@ -105,8 +105,45 @@ def test_swaps_are_bindings(tmp_path):
         "TorchvisionBackbone.in_channels = 1",
         "lifecycle.score = @max_softmax",
         "train.epochs = 1", "adapt.epochs = 1", "distill.epochs = 1",
+        "make_protocol.val_per_class = 0",  # no held-out images: the run falls back and says so
     )
     assert code == 0
+    notes = json.loads((run_dir / "metrics.json").read_text())["notes"]
+    assert any("falling back" in n for n in notes) and any("temperature" in n for n in notes)
     operative = (run_dir / "operative_config.gin").read_text()
     assert "TorchvisionBackbone.cifar_stem = True" in operative
     assert "lifecycle.score = @max_softmax" in operative
+
+
+NOVELTY = ("gin/novelty/digits.gin", "gin/novelty/evidential.gin")
+
+
+def test_novelty_measures_every_score_with_a_histogram_each(tmp_path):
+    code, run_dir = _run(tmp_path, "train.epochs = 12", gin_files=NOVELTY)
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["old_accuracy"]["all"] > 0.5 and metrics["temperature"] > 0
+    names = {"max-softmax", "entropy", "margin", "max-logit", "energy", "knn-k1", "knn-k10", "knn-k50",
+             "knn-k10-ivf128", "knn-k50-ivf64", "mahalanobis", "evidential"}
+    assert set(metrics["scores"]) == names
+    for name, row in metrics["scores"].items():
+        assert 0.0 <= row["novelty"]["auroc"] <= 1.0 and 0.0 <= row["novelty"]["fpr95"] <= 1.0, name
+        assert row["pool"]["threshold"] == row["pool"]["threshold"], name  # chosen, not NaN
+        assert (run_dir / f"scores_{name}.png").stat().st_size > 5_000
+    # the default energy score of a digits model separates new digits well above chance
+    assert metrics["scores"]["energy"]["novelty"]["auroc"] > 0.75
+
+
+def test_novelty_reports_what_it_can_on_bad_input(tmp_path):
+    code, run_dir = _run(
+        tmp_path, "train.epochs = 2", "make_protocol.val_per_class = 0",
+        "novelty.scores = [@MaxSoftmax(), @EvidentialUncertainty()]",  # no evidential head
+        gin_files=NOVELTY[:1],
+    )
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "EvidentialHead" in metrics["scores"]["evidential"]["error"]
+    row = metrics["scores"]["max-softmax"]
+    assert 0.0 <= row["novelty"]["auroc"] <= 1.0  # measured without held-out images ...
+    assert "val_per_class" in row["threshold_error"]  # ... but no threshold to pool with
+    assert metrics["temperature"] == 1.0 and any("temperature" in n for n in metrics["notes"])
