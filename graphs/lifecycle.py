@@ -101,44 +101,24 @@ def lifecycle(
         console.log(f"stream ended before the pool reached {pool.trigger_size}: discovering on "
                     f"the {len(pool)} pooled of {position} (threshold {threshold:.4f})")
 
-    # 3. discover: learn a representation on the labeled images and everything the stream has
-    #    shown so far (optional), then semi-supervised k-means on the pool, anchored by the
-    #    labeled set
-    ids = pool.ids
-    pool_images = protocol.stream.subset(ids, f"{protocol.name}/pool")
-    seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
-    learner = copy.deepcopy(teacher)
-    if representation is not None:
-        representation(learner, protocol.labeled, seen, augment, device)
-        cached_pool = encode(learner, pool_images, augment, cache, device)
-        cached_labeled = encode(learner, protocol.labeled, augment, cache, device)
+    # 3-4. discover new classes in the pool, then distill into a grown student
+    if len(pool) == 0:
+        notes.append(f"the pool is empty after {position} stream samples (the threshold "
+                     f"{threshold:.4g} let none in): nothing to discover, the teacher is reported "
+                     "as it is; raise the threshold rule's rate or use another score")
+        console.log(f"[yellow]{notes[-1]}[/]")
+        student, k_new = None, 0
+        pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
+                                       "new_balanced", "nmi", "ari"), float("nan"))
     else:
-        cached_pool = {k: v[ids] for k, v in cached["stream"].items()}
-        cached_labeled = cached["labeled"]
-    result = labeler(cached_pool[cluster_on], cached_labeled[cluster_on],
-                     cached_labeled["targets"], protocol.n_old)
-    k_new = len(result.centroids) - protocol.n_old
-    pool_truth = stream_targets[ids]
-    pool_clusters = clustering_accuracy(pool_truth, result.labels, pool_truth < protocol.n_old)
-
-    # 4. distill into a student whose classifier grew by the discovered classes
-    student = learner
-    features = cached_pool["features"]
-    rows = np.stack([features[result.labels == protocol.n_old + j].mean(0) for j in range(k_new)])
-    student.grow(k_new, torch.from_numpy(rows).to(device))
-    taught = ImageSet(
-        torch.cat([protocol.labeled.images, pool_images.images]),
-        torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels)]),
-        protocol.class_names, f"{protocol.name}/labeled+pseudo",
-    )
-    distiller = distill(student, teacher, taught, augment, device)
-    pool.remove(ids)
-    save_checkpoint(run_dir, student, distiller, "student")
+        student, k_new, pool_clusters = _discover_and_distill(
+            run_dir, protocol, teacher, pool, position, cached, augment, cache, device, labeler,
+            representation, cluster_on)
 
     # 5. evaluate both models on held-out test images
-    after = evaluate(encode(student, protocol.test, augment, cache, device),
-                     protocol.n_old, protocol.train_counts)
     before = evaluate(cached["test"], protocol.n_old, protocol.train_counts)
+    after = before if student is None else evaluate(
+        encode(student, protocol.test, augment, cache, device), protocol.n_old, protocol.train_counts)
     metrics = {
         "protocol": protocol.name,
         "seed": seed,
@@ -170,3 +150,43 @@ def _pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, not
                  "training images, whose scores are more confident than unseen images' (more "
                  "samples of old classes will enter the pool)")
     return fallback(score_outputs(score, labeled).numpy())
+
+
+def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, augment, cache, device,
+                          labeler, representation, cluster_on):
+    """Learn a representation on the labeled images and everything the stream has shown so far
+    (optional), cluster the pool with the labeler (semi-supervised k-means anchored by the
+    labeled set), grow a student by the discovered classes and distill into it. Returns the
+    student, the number of discovered classes and the pool's clustering accuracy."""
+    ids = pool.ids
+    pool_images = protocol.stream.subset(ids, f"{protocol.name}/pool")
+    seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
+    learner = copy.deepcopy(teacher)
+    if representation is not None:
+        representation(learner, protocol.labeled, seen, augment, device)
+        cached_pool = encode(learner, pool_images, augment, cache, device)
+        cached_labeled = encode(learner, protocol.labeled, augment, cache, device)
+    else:
+        cached_pool = {k: v[ids] for k, v in cached["stream"].items()}
+        cached_labeled = cached["labeled"]
+    result = labeler(cached_pool[cluster_on], cached_labeled[cluster_on],
+                     cached_labeled["targets"], protocol.n_old)
+    k_new = len(result.centroids) - protocol.n_old
+    pool_truth = cached["stream"]["targets"][ids]
+    pool_clusters = clustering_accuracy(pool_truth, result.labels, pool_truth < protocol.n_old)
+
+    # distill into a student whose classifier grew by the discovered classes
+    student = learner
+    features = cached_pool["features"]
+    rows = np.stack([features[result.labels == protocol.n_old + j].mean(0) for j in range(k_new)])
+    student.grow(k_new, torch.from_numpy(rows).to(device))
+    taught = ImageSet(
+        torch.cat([protocol.labeled.images, pool_images.images]),
+        torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels)]),
+        protocol.class_names, f"{protocol.name}/labeled+pseudo",
+    )
+    distiller = distill(student, teacher, taught, augment, device)
+    pool.remove(ids)
+    save_checkpoint(run_dir, student, distiller, "student")
+
+    return student, k_new, pool_clusters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gin
 import pytest
 import torch
 
@@ -147,3 +148,34 @@ def test_novelty_reports_what_it_can_on_bad_input(tmp_path):
     assert 0.0 <= row["novelty"]["auroc"] <= 1.0  # measured without held-out images ...
     assert "val_per_class" in row["threshold_error"]  # ... but no threshold to pool with
     assert metrics["temperature"] == 1.0 and any("temperature" in n for n in metrics["notes"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "gin" / "scores").glob("*.gin")), ids=lambda p: p.stem)
+def test_each_score_file_switches_the_online_score(path):
+    from components.run import parse_config
+
+    parse_config([DISTILL, str(path.relative_to(ROOT))], [])
+    score = gin.query_parameter("lifecycle.score").scoped_configurable_fn()
+    expected = {"max_softmax": "max-softmax", "max_logit": "max-logit", "knn": "knn-k50"}
+    assert score.name == expected.get(path.stem, path.stem)  # distill.gin's energy was replaced
+
+
+def test_whole_loop_with_the_evidential_head(tmp_path):
+    code, run_dir = _run(tmp_path, *SHORT, "train.epochs = 3", "adapt.epochs = 1", "distill.epochs = 1",
+                         "SamplePool.threshold = 0.5",  # K / S is in (0, 1]
+                         gin_files=(DISTILL, "gin/scores/evidential.gin"))
+    assert code == 0
+    student = sorted((run_dir / "checkpoints").glob("student*.pt"))[0]
+    state = torch.load(student, weights_only=True)
+    assert state["confidence.weight"].shape[0] == state["classifier.weight"].shape[0] == 10
+
+
+def test_an_empty_pool_reports_the_teacher_and_says_why(tmp_path):
+    code, run_dir = _run(tmp_path, *SHORT, "train.epochs = 1", "lifecycle.score = @MaxSoftmax()",
+                         "SamplePool.threshold = 2.0")  # 1 - max softmax never exceeds 1
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["k_new"] == 0 and metrics["pool"]["size"] == 0
+    assert any("pool is empty" in n for n in metrics["notes"])
+    assert metrics["test"]["old"] == metrics["teacher_old_accuracy"]
+    assert [p.name.split("_")[0] for p in (run_dir / "checkpoints").glob("*.pt")] == ["teacher"]
