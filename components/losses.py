@@ -218,22 +218,39 @@ class FocalLoss(nn.Module):
         return focal_loss(logits, targets, self.gamma)
 
 
+EVIDENCE = {
+    "relu": torch.relu,
+    "softplus": F.softplus,
+    "exp": lambda z: torch.exp(z.clamp(-10, 10)),
+}
+
+
+def evidence_of(z: torch.Tensor, activation: str = "relu") -> torch.Tensor:
+    """Non-negative evidence from raw outputs, with the activations of Sensoy et al.'s code:
+    ``relu`` (the paper's), ``softplus`` or ``exp`` (clamped to ±10, as their code does)."""
+    if activation not in EVIDENCE:
+        raise ValueError(f"unknown evidence activation {activation!r}: use one of {sorted(EVIDENCE)}")
+    return EVIDENCE[activation](z)
+
+
 @gin.configurable
 class EvidentialLoss(nn.Module):
     """Evidential classification loss (Sensoy et al., NeurIPS 2018, eq. 5 and 9).
 
-    Evidence ``e = relu(z)``, Dirichlet ``α = e + 1``, ``S = Σ α``, ``p = α / S``. The loss is the
+    Evidence ``e = act(z)`` (``activation``: relu as in the paper, or softplus / exp, see
+    :func:`evidence_of`), Dirichlet ``α = e + 1``, ``S = Σ α``, ``p = α / S``. The loss is the
     Bayes risk of the squared error, ``Σ_j (y_j - p_j)² + p_j (1 - p_j) / (S + 1)``, plus
     ``λ_t · KL(Dir(α̃) ‖ Dir(1))`` on the misleading evidence ``α̃ = y + (1 - y) ⊙ α``, with
     ``λ_t = min(1, t / anneal_epochs)`` (the graph calls :meth:`set_epoch`). Score the trained
     model with :class:`components.scores.EvidentialUncertainty` (``K / S``).
     """
 
-    def __init__(self, anneal_epochs: int = 10) -> None:
+    def __init__(self, anneal_epochs: int = 10, activation: str = "relu") -> None:
         super().__init__()
         if anneal_epochs < 1:
             raise ValueError(f"anneal_epochs must be >= 1, got {anneal_epochs}")
-        self.anneal_epochs = anneal_epochs
+        evidence_of(torch.zeros(1), activation)  # fail early on an unknown name
+        self.anneal_epochs, self.activation = anneal_epochs, activation
         self.kl_weight = 0.0
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
@@ -248,7 +265,7 @@ class EvidentialLoss(nn.Module):
                 + ((alpha - 1) * (torch.digamma(alpha) - torch.digamma(total)[:, None])).sum(1))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        alpha = torch.relu(logits) + 1
+        alpha = evidence_of(logits, self.activation) + 1
         total = alpha.sum(1, keepdim=True)
         p = alpha / total
         y = F.one_hot(targets, logits.shape[1]).to(p.dtype)

@@ -20,6 +20,8 @@ import gin
 import numpy as np
 import torch
 
+from components.losses import evidence_of
+
 Outputs = Mapping[str, torch.Tensor | np.ndarray] | torch.Tensor
 
 
@@ -126,7 +128,8 @@ class Energy(Score):
 
 @gin.configurable
 class EvidentialUncertainty(Score):
-    """Dirichlet uncertainty ``K / Σ α`` with ``α = relu(z) + 1`` (Sensoy et al., NeurIPS 2018).
+    """Dirichlet uncertainty ``K / Σ α`` with ``α = act(z) + 1`` (Sensoy et al., NeurIPS 2018);
+    ``activation`` must be the one the head was trained with (``EvidentialLoss.activation``).
 
     ``z`` is the ``evidence`` output of an :class:`~components.models.EvidentialHead` trained
     with :class:`~components.losses.EvidentialLoss` beside the classifier (the default), or the
@@ -135,8 +138,9 @@ class EvidentialUncertainty(Score):
 
     name = "evidential"
 
-    def __init__(self, key: str = "evidence") -> None:
-        self.key = key
+    def __init__(self, key: str = "evidence", activation: str = "relu") -> None:
+        evidence_of(torch.zeros(1), activation)  # fail early on an unknown name
+        self.key, self.activation = key, activation
 
     def __call__(self, outputs: Outputs) -> torch.Tensor:
         if not isinstance(outputs, torch.Tensor) and self.key not in outputs:
@@ -147,11 +151,11 @@ class EvidentialUncertainty(Score):
                 "for a classifier trained with EvidentialLoss"
             )
         evidence = outputs if isinstance(outputs, torch.Tensor) else _get(outputs, self.key, self.name)
-        alpha = torch.relu(evidence) + 1
+        alpha = evidence_of(evidence, self.activation) + 1
         return evidence.shape[1] / alpha.sum(dim=1)
 
     def __repr__(self) -> str:
-        return f"EvidentialUncertainty(key={self.key!r})"
+        return f"EvidentialUncertainty(key={self.key!r}, activation={self.activation!r})"
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis
 
-from components.losses import EvidentialLoss
+from components.losses import EvidentialLoss, evidence_of
 from components.pool import SamplePool
 from components.scores import (
     Energy,
@@ -145,6 +145,18 @@ def test_evidential_loss_by_hand():
     assert loss(logits, target).item() == pytest.approx((risk + 0.5 * kl).item(), rel=1e-5)
     loss.set_epoch(15, 20)  # capped at 1
     assert loss(logits, target).item() == pytest.approx((risk + kl).item(), rel=1e-5)
+
+
+def test_evidence_activations_of_the_loss_and_the_score_agree():
+    z = torch.tensor([[0.0, math.log(3.0)]])  # exp evidence [1, 3]: alpha [2, 4], S = 6
+    assert torch.allclose(evidence_of(z, "exp"), torch.tensor([[1.0, 3.0]]))
+    assert torch.allclose(evidence_of(z, "softplus"), torch.nn.functional.softplus(z))
+    assert EvidentialUncertainty(activation="exp")({"evidence": z}).item() == pytest.approx(2 / 6)
+    p = torch.tensor([2 / 6, 4 / 6])  # target 1, no KL at epoch 0
+    risk = ((torch.tensor([0.0, 1.0]) - p) ** 2 + p * (1 - p) / 7).sum()
+    assert EvidentialLoss(activation="exp")(z, torch.tensor([1])).item() == pytest.approx(risk.item())
+    with pytest.raises(ValueError, match="unknown evidence activation"):
+        EvidentialUncertainty(activation="sigmoid")
 
 
 def test_online_feeds_features_to_a_feature_score_and_logits_to_a_function():
