@@ -54,16 +54,6 @@ def temperature_of(val: Arrays | None) -> tuple[float, str | None]:
     return fit_temperature(val["logits"], val["targets"]), None
 
 
-def known_scores(score: Score | Callable, val: Arrays | None) -> np.ndarray:
-    """Scores of the held-out known-class images, which thresholds are chosen on."""
-    if val is None or len(val["targets"]) == 0:
-        raise ValueError("a pool threshold for a false-alarm rate needs held-out known-class "
-                         "images and the protocol has none: set make_protocol.val_per_class "
-                         "(val_partial=True takes what the long tail leaves), or give "
-                         "SamplePool.threshold directly")
-    return score_outputs(score, val).numpy()
-
-
 def assess(score: Score | Callable, train_outputs: Arrays | None, val: Arrays | None,
            stream: Arrays, n_old: int, threshold: Callable = FIVE_PERCENT_FALSE_ALARMS) -> dict:
     """Fit ``score`` on the labeled outputs, score the held-out and stream outputs, pick the
@@ -83,8 +73,9 @@ def assess(score: Score | Callable, train_outputs: Arrays | None, val: Arrays | 
     if is_new.all() or not is_new.any():
         out["novelty_error"] = (f"the stream has {'no old' if is_new.any() else 'no new'}-class "
                                 "samples: AUROC, FPR95 and AUPR are undefined (NaN)")
+    has_val = val is not None and len(val["targets"]) > 0
+    known = score_outputs(score, val).numpy() if has_val else np.array([])
     try:
-        known = known_scores(score, val) if isinstance(threshold, FalseAlarmRate) else None
         cut = float(threshold(known, stream_scores, is_new))
     except ValueError as error:
         out["pool"] = {"precision": NAN, "recall": NAN, "size": 0, "threshold": NAN}
