@@ -140,12 +140,13 @@ def lifecycle(
 
 def _pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, notes: list[str]) -> float:
     """The pool threshold by ``rule`` (fits ``score`` on the labeled outputs). Without held-out
-    images, or when the rule cannot be met, fall back to the labeled images' scores at a 5 %
-    false-alarm rate, and say so in ``notes``: the run goes on and reports it."""
+    images, or when the rule cannot be met, fall back to the labeled images' scores at the rule's
+    false-alarm rate (5 % for another rule), and say so in ``notes``: the run goes on and
+    reports it."""
     chosen = assess(score, labeled, val, stream, n_old, rule)
     if "threshold_error" not in chosen:
         return chosen["pool"]["threshold"]
-    fallback = FalseAlarmRate(0.05)
+    fallback = rule if isinstance(rule, FalseAlarmRate) else FalseAlarmRate(0.05)
     notes.append(f"{chosen['threshold_error']} -- falling back to {fallback!r} on the labeled "
                  "training images, whose scores are more confident than unseen images' (more "
                  "samples of old classes will enter the pool)")
