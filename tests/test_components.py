@@ -221,7 +221,7 @@ def test_kmeans_rejects_bad_input():
         SemiSupervisedKMeans(k_new=2)(bad, labeled, labeled_y, 3)
     bad_labeled = labeled.copy()
     bad_labeled[0, 0] = np.inf
-    with pytest.raises(ValueError, match="labeled features contain NaN or inf"):
+    with pytest.raises(ValueError, match="labeled features: 1 rows contain NaN or inf"):
         SemiSupervisedKMeans(k_new=2)(unlabeled, bad_labeled, labeled_y, 3)
     keep = labeled_y != 1
     with pytest.raises(ValueError, match=r"\[1\]"):  # old class 1 has no labeled sample

@@ -1,0 +1,66 @@
+"""k-means on faiss: greedy k-means++ seeds, Lloyd iterations, streamed assignment, against
+scikit-learn on the same data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans as SkKMeans
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+from components.kmeans import KMeans, kmeans_plusplus
+
+
+def _blobs(n=3000, k=12, dim=16, seed=0):
+    x, y = make_blobs(n_samples=n, n_features=dim, centers=k, cluster_std=1.0, random_state=seed)
+    return x.astype(np.float32), y
+
+
+def test_greedy_kmeans_plusplus_puts_one_seed_in_each_separated_blob():
+    x, y = _blobs()
+    seeds = kmeans_plusplus(x, 12, np.random.default_rng(0))
+    rows = [np.flatnonzero((x == s).all(1))[0] for s in seeds]  # seeds are rows of x
+    assert sorted(y[rows].tolist()) == list(range(12))
+
+
+def test_kmeans_plusplus_starts_away_from_fixed_centres():
+    x, y = _blobs(k=4)
+    fixed = np.stack([x[y == c].mean(0) for c in (0, 1)])
+    seeds = kmeans_plusplus(x, 2, np.random.default_rng(0), start=fixed)
+    rows = [np.flatnonzero((x == s).all(1))[0] for s in seeds]
+    assert sorted(y[rows].tolist()) == [2, 3]
+
+
+def test_kmeans_matches_sklearn_on_blobs():
+    x, y = _blobs()
+    ours = KMeans(k=12, seed=0).fit(x)
+    theirs = SkKMeans(12, init="k-means++", n_init=1, max_iter=20, random_state=0).fit(x)
+    assert adjusted_rand_score(y, ours.labels) >= adjusted_rand_score(y, theirs.labels_) - 1e-9
+    assert ours.inertia <= 1.001 * theirs.inertia_
+    # the inertia is the sum of squared distances to the returned centroids
+    assert ours.inertia == pytest.approx(((x - ours.centroids[ours.labels]) ** 2).sum(), rel=1e-4)
+    assert 1 <= ours.iterations <= 20
+
+
+def test_streamed_assignment_gives_the_same_clustering():
+    x, _ = _blobs(n=500, k=5)
+    whole = KMeans(k=5, seed=3).fit(x)
+    streamed = KMeans(k=5, seed=3, batch_size=37).fit(x)
+    np.testing.assert_array_equal(whole.labels, streamed.labels)
+    np.testing.assert_allclose(whole.centroids, streamed.centroids, rtol=1e-5, atol=1e-5)
+
+
+def test_every_cluster_keeps_a_point_and_bad_input_is_refused():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.zeros((50, 2)), np.ones((50, 2)) * 5, rng.normal(20, 0.1, (3, 2))])
+    result = KMeans(k=4, seed=0).fit(x.astype(np.float32))
+    assert np.bincount(result.labels, minlength=4).min() >= 1
+    with pytest.raises(ValueError, match="cannot make 5 clusters of 3 points"):
+        KMeans(k=5).fit(x[:3])
+    bad = x.copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match="1 rows contain NaN"):
+        KMeans(k=2).fit(bad)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        KMeans(k=0)
