@@ -22,6 +22,8 @@ import gin
 import numpy as np
 import torch
 
+from components.metrics import hungarian_mapping
+
 
 @dataclasses.dataclass
 class KMeansResult:
@@ -30,6 +32,7 @@ class KMeansResult:
     centroids: np.ndarray  # [n_old + k_new, D]
     inertia: float
     iterations: int
+    k_scores: dict[int, float] | None = None  # score of each candidate k_new, when estimated
 
 
 def _gpu_default(use_gpu: bool | None) -> bool:
@@ -177,36 +180,62 @@ class KMeans:
 class SemiSupervisedKMeans:
     """k-means with ``n_old`` clusters anchored by labeled samples plus ``k_new`` free ones.
 
-    New centroids are seeded by k-means++ (Arthur & Vassilvitskii, 2007) over the unlabeled
-    samples, counting distance to the old centroids too, so seeds start away from known classes.
-    An empty new cluster is re-seeded at the unlabeled sample farthest from its centroid. The
-    best of ``n_init`` seeded runs (lowest inertia) is kept; results are deterministic in
-    ``seed``. ``normalize`` L2-normalizes features first (cosine geometry).
+    New centroids are seeded by greedy k-means++ (Arthur & Vassilvitskii, 2007) over the
+    unlabeled samples, counting distance to the old centroids too, so seeds start away from
+    known classes. An empty new cluster is re-seeded at the unlabeled sample farthest from its
+    centroid. The best of ``n_init`` seeded runs (lowest inertia) is kept; results are
+    deterministic in ``seed``. ``normalize`` L2-normalizes features first (cosine geometry).
+    No cluster size is assumed: new classes may be long-tailed too.
+
+    ``k_new=None`` estimates the number of new classes in ``1 .. k_max`` (the candidates are
+    scored in :attr:`KMeansResult.k_scores`):
+
+    * ``estimate="silhouette"`` (default): the k whose clustering of the unlabeled samples has
+      the best silhouette (Rousseeuw, 1987; scikit-learn's, on a sample of
+      ``silhouette_sample`` points), old clusters included;
+    * ``estimate="gcd"``: GCD's rule (Vaze et al., CVPR 2022, §4): a stratified ``held_out``
+      share of the labeled samples is clustered as if unlabeled, and the k with the best
+      Hungarian accuracy on them wins (ties: the smallest k).
+
+    ``overcluster=m`` makes ``m`` times as many new clusters (each a pseudo-class of its own).
     """
 
     def __init__(
         self,
-        k_new: int = gin.REQUIRED,
+        k_new: int | None = gin.REQUIRED,
         n_iter: int = 100,
         n_init: int = 3,
         seed: int = 0,
         normalize: bool = True,
         use_gpu: bool | None = None,
+        k_max: int = 10,
+        estimate: str = "silhouette",
+        held_out: float = 0.3,
+        silhouette_sample: int = 4000,
+        overcluster: int = 1,
     ) -> None:
-        if k_new < 1:
-            raise ValueError(f"k_new must be >= 1, got {k_new}")
+        if k_new is not None and k_new < 1:
+            raise ValueError(f"k_new must be >= 1 (or None to estimate it), got {k_new}")
+        if estimate not in ("silhouette", "gcd"):
+            raise ValueError(f"estimate must be 'silhouette' or 'gcd', got {estimate!r}")
+        if k_max < 1 or overcluster < 1 or not 0 < held_out < 1:
+            raise ValueError(f"need k_max >= 1, overcluster >= 1 and 0 < held_out < 1, got "
+                             f"{k_max}, {overcluster}, {held_out}")
         self.k_new, self.n_iter, self.n_init, self.seed = k_new, n_iter, n_init, seed
         self.normalize = normalize
         self.use_gpu = _gpu_default(use_gpu)
+        self.k_max, self.estimate, self.held_out = k_max, estimate, held_out
+        self.silhouette_sample, self.overcluster = silhouette_sample, overcluster
 
     def __call__(
         self, unlabeled: np.ndarray, labeled: np.ndarray, labeled_targets: np.ndarray, n_old: int
     ) -> KMeansResult:
         x_u, x_l = self._prepare(unlabeled, "unlabeled"), self._prepare(labeled, "labeled")
         y_l = np.asarray(labeled_targets, dtype=np.int64)
-        if len(x_u) < self.k_new:
+        wanted = (self.k_new or 1) * self.overcluster
+        if len(x_u) < wanted:
             raise ValueError(
-                f"cannot find {self.k_new} new clusters in {len(x_u)} unlabeled samples: "
+                f"cannot find {wanted} new clusters in {len(x_u)} unlabeled samples: "
                 f"let the pool grow (raise the trigger size) or lower k_new"
             )
         missing = sorted(set(range(n_old)) - set(y_l.tolist()))
@@ -214,18 +243,55 @@ class SemiSupervisedKMeans:
             raise ValueError(f"old classes {missing} have no labeled sample to anchor a centroid")
         if x_l.shape[1] != x_u.shape[1]:
             raise ValueError(f"feature widths differ: labeled {x_l.shape[1]}, unlabeled {x_u.shape[1]}")
+        if self.k_new is not None:
+            return self._fit(x_u, x_l, y_l, n_old, self.k_new * self.overcluster)
+        scores = self._scores(x_u, x_l, y_l, n_old)
+        best = max(scores, key=lambda k: (scores[k], -k))
+        result = self._fit(x_u, x_l, y_l, n_old, best * self.overcluster)
+        result.k_scores = scores
+        return result
+
+    def _fit(self, x_u, x_l, y_l, n_old: int, k_new: int) -> KMeansResult:
         old = np.stack([x_l[y_l == c].mean(0) for c in range(n_old)])
-        runs = [self._run(x_u, x_l, y_l, old, self.seed + i) for i in range(self.n_init)]
+        runs = [self._run(x_u, x_l, y_l, old, k_new, self.seed + i) for i in range(self.n_init)]
         return min(runs, key=lambda r: r.inertia)
+
+    def _scores(self, x_u, x_l, y_l, n_old: int) -> dict[int, float]:
+        """Score every candidate number of new classes (higher is better)."""
+        candidates = range(1, min(self.k_max, len(x_u) - 1) + 1)
+        if self.estimate == "silhouette":
+            from sklearn.metrics import silhouette_score
+
+            size = min(len(x_u), self.silhouette_sample)
+            out = {}
+            for k in candidates:
+                labels = self._fit(x_u, x_l, y_l, n_old, k).labels
+                out[k] = (float(silhouette_score(x_u, labels, sample_size=size, random_state=self.seed))
+                          if len(np.unique(labels)) > 1 else -1.0)
+            return out
+        # GCD: a stratified share of the labeled samples joins the unlabeled ones
+        rng = np.random.default_rng(self.seed)
+        held = np.concatenate([
+            rng.permutation(idx)[: int(self.held_out * len(idx))]
+            for idx in (np.flatnonzero(y_l == c) for c in range(n_old)) if len(idx) > 1
+        ])
+        if len(held) == 0:
+            raise ValueError("k_new=None with estimate='gcd' needs labeled samples to hold out "
+                             "(at least 2 in some old class): give labeled samples, or a k_new")
+        anchor = np.setdiff1d(np.arange(len(y_l)), held)
+        x_mix = np.concatenate([x_u, x_l[held]])
+        out = {}
+        for k in candidates:
+            labels = self._fit(x_mix, x_l[anchor], y_l[anchor], n_old, k).labels[len(x_u):]
+            mapping = hungarian_mapping(y_l[held], labels)
+            out[k] = float(np.mean([mapping.get(p, -1) == t for p, t in zip(labels, y_l[held], strict=True)]))
+        return out
 
     def _prepare(self, x: np.ndarray, what: str) -> np.ndarray:
         x = _check(x, what)
         if self.normalize:
             x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
         return x
-
-    def _seed_new(self, x_u: np.ndarray, old: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return kmeans_plusplus(x_u, self.k_new, rng, start=old)
 
     def _assign(self, x_u: np.ndarray, centroids: np.ndarray, n_old: int):
         """Nearest centroid for each unlabeled sample; an empty new cluster takes the sample
@@ -236,10 +302,11 @@ class SemiSupervisedKMeans:
             labels[far], dist[far] = empty, 0.0
         return labels, dist
 
-    def _run(self, x_u, x_l, y_l, old, seed) -> KMeansResult:
+    def _run(self, x_u, x_l, y_l, old, k_new: int, seed: int) -> KMeansResult:
         rng = np.random.default_rng(seed)
-        k = len(old) + self.k_new
-        centroids = np.concatenate([old, self._seed_new(x_u, old, rng)]).astype(np.float32)
+        k = len(old) + k_new
+        seeds = kmeans_plusplus(x_u, k_new, rng, start=old)
+        centroids = np.concatenate([old, seeds]).astype(np.float32)
         x_all = np.concatenate([x_l, x_u])
         labels, dist = self._assign(x_u, centroids, len(old))
         iterations = 0
@@ -255,3 +322,18 @@ class SemiSupervisedKMeans:
         dist_l = ((x_l - centroids[y_l]) ** 2).sum(1)
         inertia = float(dist.sum() + dist_l.sum())
         return KMeansResult(labels, dist, centroids, inertia, iterations)
+
+
+def confident(result: KMeansResult, fraction: float, first: int = 0) -> np.ndarray:
+    """Mask of the samples to keep as pseudo-labels: in each cluster ``>= first``, the
+    ``fraction`` nearest their centroid (at least one per cluster); samples of clusters below
+    ``first`` (e.g. the old classes) are all kept. The rest can wait in the pool."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the kept fraction must be in (0, 1], got {fraction}")
+    keep = np.ones(len(result.labels), dtype=bool)
+    for c in np.unique(result.labels[result.labels >= first]):
+        members = np.flatnonzero(result.labels == c)
+        n = max(1, int(np.ceil(fraction * len(members))))
+        order = members[np.argsort(result.distances[members], kind="stable")]
+        keep[order[n:]] = False
+    return keep

@@ -45,6 +45,15 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Mean, std and per-seed values of each reported metric; a long-tail run reports every
     method's overall, many / medium / few and tail-3 accuracy (``"<method>.<metric>"``), a
     novelty run every score's AUROC, FPR95, AUPRs and pool precision / recall."""
+    if "assigned_new" in runs[0]:
+        out = {f"stream.{k}": _stats([r["stream"][k] for r in runs]) for k in runs[0]["stream"]}
+        for k in ("precision", "recall"):
+            out[f"assigned_new.{k}"] = _stats([r["assigned_new"][k] for r in runs])
+        out["k_new"] = _stats([r["k_new"] for r in runs])
+        if runs[0].get("k_estimated") is not None:
+            out["k_estimated"] = _stats([r["k_estimated"] for r in runs])
+        out["seconds"] = _stats([r["seconds"] for r in runs])
+        return out
     if "scores" in runs[0]:
         out = {"old_accuracy.all": _stats([r["old_accuracy"]["all"] for r in runs])}
         for score in runs[0]["scores"]:
@@ -66,9 +75,10 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
 
 def _fmt(name: str, value: float) -> str:
     """Seconds as they are, AUROC / FPR95 / AUPR as fractions, everything else as a percentage."""
-    if name == "seconds":
+    if name in ("seconds", "k_new", "k_estimated"):
         return f"{value:.1f}"
-    return f"{value:.3f}" if any(k in name for k in ("auroc", "fpr95", "aupr")) else f"{100 * value:.1f}"
+    fractions = ("auroc", "fpr95", "aupr", "nmi", "ari")
+    return f"{value:.3f}" if any(k in name for k in fractions) else f"{100 * value:.1f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

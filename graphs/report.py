@@ -65,10 +65,30 @@ def novelty_table(m: dict) -> Table:
     return table
 
 
+def discovery_table(m: dict) -> Table:
+    table = Table(title=f"{m['protocol']} (seed {m['seed']}, {m['seconds']:.0f} s): the stream clustered")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    stream, new = m["stream"], m["assigned_new"]
+    table.add_row("clustering accuracy all / old / new (%)",
+                  " / ".join(_pct(stream[g]) for g in ("all", "old", "new")))
+    table.add_row("class-balanced all / old / new (%)",
+                  " / ".join(_pct(stream[f"{g}_balanced"]) for g in ("all", "old", "new")))
+    table.add_row("NMI / ARI", f"{stream['nmi']:.3f} / {stream['ari']:.3f}")
+    table.add_row("assigned-new precision / recall (%)", f"{_pct(new['precision'])} / {_pct(new['recall'])}")
+    table.add_row("new classes clustered (true)", f"{m['k_new']} ({m['k_new_true']})")
+    if m.get("k_estimated") is not None:
+        scores = ", ".join(f"{k}: {v:.3f}" for k, v in m["k_scores"].items())
+        table.add_row("new classes estimated (score per candidate)", f"{m['k_estimated']} ({scores})")
+    return table
+
+
 def show_metrics(m: dict) -> None:
-    """Print the end-of-run table of a lifecycle, long-tail or novelty run."""
+    """Print the end-of-run table of a lifecycle, long-tail, novelty or discovery run."""
     if "methods" in m:
         console.print(longtail_table(m))
+    elif "assigned_new" in m:
+        console.print(discovery_table(m))
     elif "scores" in m:
         console.print(novelty_table(m))
     else:
