@@ -271,8 +271,8 @@ class SemiSupervisedKMeans:
             return out
         # GCD: a stratified share of the labeled samples joins the unlabeled ones
         rng = np.random.default_rng(self.seed)
-        held = np.concatenate([
-            rng.permutation(idx)[: int(self.held_out * len(idx))]
+        held = np.concatenate([np.array([], dtype=np.int64)] + [
+            rng.permutation(idx)[: max(1, int(self.held_out * len(idx)))]
             for idx in (np.flatnonzero(y_l == c) for c in range(n_old)) if len(idx) > 1
         ])
         if len(held) == 0:

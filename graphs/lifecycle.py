@@ -18,6 +18,7 @@ from torch import nn
 
 from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData
+from components.kmeans import confident
 from components.metrics import clustering_accuracy, novelty_metrics, pool_quality
 from components.pool import SamplePool
 from components.scores import Score
@@ -28,6 +29,10 @@ from graphs.handlers import RunDir, console, save_checkpoint
 from graphs.novelty import FIVE_PERCENT_FALSE_ALARMS, assess, scaled, temperature_of
 from graphs.online import online, score_outputs
 from graphs.train import adapt, distill, train
+
+
+class PoolRefused(Exception):
+    """The labeler could not cluster the pool (its message says why); the pool is kept."""
 
 
 @gin.configurable(denylist=["run_dir"])
@@ -44,6 +49,7 @@ def lifecycle(
     temperature_scaling: bool = True,
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "features",
+    keep_fraction: float = 1.0,
     seed: int = 0,
 ) -> dict:
     """Run the loop once on ``data()`` and return (and write) its metrics.
@@ -51,9 +57,16 @@ def lifecycle(
     The pool threshold comes from ``pool.threshold`` when given, else from the ``threshold``
     rule on held-out known-class images (``make_protocol.val_per_class``), after temperature
     scaling fitted on the same images when ``temperature_scaling``.
+
+    Only the ``keep_fraction`` of each cluster nearest its centroid becomes pseudo-labels for
+    distillation (:func:`components.kmeans.confident`); the rest stay in the pool for the next
+    trigger. A labeler that refuses the pool (too few samples for its clusters, NaN features,
+    nothing to estimate k against) leaves the pool as it was, and the run reports the teacher.
     """
     if cluster_on not in ("features", "projected"):
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     started = time.perf_counter()
     manual_seed(seed)
     device = idist.device()
@@ -111,9 +124,17 @@ def lifecycle(
         pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
                                        "new_balanced", "nmi", "ari"), float("nan"))
     else:
-        student, k_new, pool_clusters = _discover_and_distill(
-            run_dir, protocol, teacher, pool, position, cached, augment, cache, device, labeler,
-            representation, cluster_on)
+        try:
+            student, k_new, pool_clusters = _discover_and_distill(
+                run_dir, protocol, teacher, pool, position, cached, augment, cache, device, labeler,
+                representation, cluster_on, keep_fraction)
+        except PoolRefused as error:  # the labeler refused the pool: keep it for the next trigger
+            notes.append(f"discovery refused the pool ({error}); its {len(pool)} samples stay "
+                         "pooled for the next trigger and the teacher is reported as it is")
+            console.log(f"[yellow]{notes[-1]}[/]")
+            student, k_new = None, 0
+            pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
+                                           "new_balanced", "nmi", "ari"), float("nan"))
 
     # 5. evaluate both models on held-out test images
     before = evaluate(cached["test"], protocol.n_old, protocol.train_counts)
@@ -154,11 +175,13 @@ def _pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, not
 
 
 def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, augment, cache, device,
-                          labeler, representation, cluster_on):
+                          labeler, representation, cluster_on, keep_fraction):
     """Learn a representation on the labeled images and everything the stream has shown so far
     (optional), cluster the pool with the labeler (semi-supervised k-means anchored by the
-    labeled set), grow a student by the discovered classes and distill into it. Returns the
-    student, the number of discovered classes and the pool's clustering accuracy."""
+    labeled set), grow a student by the discovered classes and distill into it on the confident
+    pseudo-labels, which leave the pool. Returns the student, the number of discovered classes
+    and the pool's clustering accuracy. Raises :class:`PoolRefused`, with the pool untouched,
+    when the labeler refuses it."""
     ids = pool.ids
     pool_images = protocol.stream.subset(ids, f"{protocol.name}/pool")
     seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
@@ -170,8 +193,11 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     else:
         cached_pool = {k: v[ids] for k, v in cached["stream"].items()}
         cached_labeled = cached["labeled"]
-    result = labeler(cached_pool[cluster_on], cached_labeled[cluster_on],
-                     cached_labeled["targets"], protocol.n_old)
+    try:
+        result = labeler(cached_pool[cluster_on], cached_labeled[cluster_on],
+                         cached_labeled["targets"], protocol.n_old)
+    except ValueError as error:
+        raise PoolRefused(str(error)) from error
     k_new = len(result.centroids) - protocol.n_old
     pool_truth = cached["stream"]["targets"][ids]
     pool_clusters = clustering_accuracy(pool_truth, result.labels, pool_truth < protocol.n_old)
@@ -181,13 +207,14 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     features = cached_pool["features"]
     rows = np.stack([features[result.labels == protocol.n_old + j].mean(0) for j in range(k_new)])
     student.grow(k_new, torch.from_numpy(rows).to(device))
+    keep = confident(result, keep_fraction)
     taught = ImageSet(
-        torch.cat([protocol.labeled.images, pool_images.images]),
-        torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels)]),
+        torch.cat([protocol.labeled.images, pool_images.images[torch.from_numpy(keep)]]),
+        torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels[keep])]),
         protocol.class_names, f"{protocol.name}/labeled+pseudo",
     )
     distiller = distill(student, teacher, taught, augment, device)
-    pool.remove(ids)
+    pool.remove(ids[keep])
     save_checkpoint(run_dir, student, distiller, "student")
 
     return student, k_new, pool_clusters

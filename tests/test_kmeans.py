@@ -64,3 +64,49 @@ def test_every_cluster_keeps_a_point_and_bad_input_is_refused():
         KMeans(k=2).fit(bad)
     with pytest.raises(ValueError, match="k must be >= 1"):
         KMeans(k=0)
+
+
+def _anchored_blobs(seed=0):
+    """Three old blobs with labeled and unlabeled points, two new ones only unlabeled, along
+    different axes; the new ones of different sizes (long-tailed new classes)."""
+    rng = np.random.default_rng(seed)
+    centers = 10.0 * np.eye(8)[:5] + 1.0
+    labeled = np.concatenate([centers[c] + 0.3 * rng.standard_normal((10, 8)) for c in range(3)])
+    sizes = [8, 8, 8, 30, 6]
+    unlabeled = np.concatenate([centers[c] + 0.3 * rng.standard_normal((n, 8)) for c, n in enumerate(sizes)])
+    return labeled.astype(np.float32), np.repeat(np.arange(3), 10), unlabeled.astype(np.float32), \
+        np.repeat(np.arange(5), sizes)
+
+
+def test_unknown_k_is_estimated_by_silhouette_and_gcd_scores_every_candidate():
+    from components.kmeans import SemiSupervisedKMeans
+
+    labeled, labeled_y, unlabeled, truth = _anchored_blobs()
+    result = SemiSupervisedKMeans(k_new=None, k_max=6)(unlabeled, labeled, labeled_y, 3)
+    assert len(result.centroids) - 3 == 2 and set(result.k_scores) == set(range(1, 7))
+    assert max(result.k_scores, key=result.k_scores.get) == 2
+    assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
+    # GCD's rule: held-out labeled samples clustered as unlabeled; here they stay with their
+    # class for every k up to 5, so its accuracy is flat and the smallest k wins the tie
+    gcd = SemiSupervisedKMeans(k_new=None, k_max=6, estimate="gcd")(unlabeled, labeled, labeled_y, 3)
+    assert set(gcd.k_scores) == set(range(1, 7)) and gcd.k_scores[1] == 1.0
+    with pytest.raises(ValueError, match="labeled samples to hold out"):
+        SemiSupervisedKMeans(k_new=None, estimate="gcd")(unlabeled, labeled[::10], labeled_y[::10], 3)
+
+
+def test_overclustering_and_confident_pseudo_labels():
+    from components.kmeans import SemiSupervisedKMeans, confident
+
+    labeled, labeled_y, unlabeled, truth = _anchored_blobs()
+    result = SemiSupervisedKMeans(k_new=2, overcluster=2)(unlabeled, labeled, labeled_y, 3)
+    assert len(result.centroids) == 3 + 4
+    keep = confident(result, 0.5)
+    for c in np.unique(result.labels):
+        members = np.flatnonzero(result.labels == c)
+        kept = members[keep[members]]
+        assert len(kept) == max(1, int(np.ceil(0.5 * len(members))))
+        # the kept half is the nearer half
+        assert result.distances[kept].max() <= result.distances[members[~keep[members]]].min(initial=np.inf)
+    assert confident(result, 0.5, first=3)[result.labels < 3].all()  # old clusters kept whole
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        confident(result, 0.0)

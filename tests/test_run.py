@@ -179,3 +179,28 @@ def test_an_empty_pool_reports_the_teacher_and_says_why(tmp_path):
     assert any("pool is empty" in n for n in metrics["notes"])
     assert metrics["test"]["old"] == metrics["teacher_old_accuracy"]
     assert [p.name.split("_")[0] for p in (run_dir / "checkpoints").glob("*.pt")] == ["teacher"]
+
+
+def test_a_refused_pool_is_kept_and_the_teacher_reported(tmp_path):
+    code, run_dir = _run(tmp_path, *SHORT, "train.epochs = 1", "adapt.epochs = 1",
+                         "SemiSupervisedKMeans.k_new = 5000")  # more clusters than pooled samples
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["k_new"] == 0 and metrics["pool"]["size"] > 0
+    note = next(n for n in metrics["notes"] if "refused" in n)
+    assert "5000 new clusters" in note and f"its {metrics['pool']['size']} samples stay pooled" in note
+    assert [p.name.split("_")[0] for p in (run_dir / "checkpoints").glob("*.pt")] == ["teacher"]
+
+
+def test_discovery_clusters_the_stream_and_estimates_k(tmp_path):
+    code, run_dir = _run(tmp_path, "train.epochs = 10", "adapt.epochs = 3",
+                         "estimate/SemiSupervisedKMeans.k_max = 4",
+                         gin_files=("gin/discovery/digits.gin", "gin/discovery/contrastive.gin"))
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["k_new"] == metrics["k_new_true"] == 3
+    assert 1 <= metrics["k_estimated"] <= 4 and set(metrics["k_scores"]) == {"1", "2", "3", "4"}
+    assert 0.0 <= metrics["assigned_new"]["precision"] <= 1.0
+    assert metrics["stream"]["all"] > 0.5  # far above chance (10 classes) even after 3 epochs
+    names = sorted(p.name.split("_")[0] for p in (run_dir / "checkpoints").glob("*.pt"))
+    assert names == ["model", "representation"]
