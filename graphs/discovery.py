@@ -22,11 +22,12 @@ from collections.abc import Callable
 import gin
 import ignite.distributed as idist
 import numpy as np
+import torch
 from ignite.utils import manual_seed
 from torch import nn
 
 from components.cache import FeatureCache
-from components.data import ProtocolData
+from components.data import ImageSet, ProtocolData
 from components.metrics import clustering_accuracy
 from graphs.encode import encode
 from graphs.handlers import RunDir, console, save_checkpoint
@@ -54,12 +55,15 @@ def discovery(
     representation: Callable[..., object] | None = None,
     cluster_on: str = "features",
     estimator: Callable | None = None,
+    pretrain: Callable[..., object] | None = None,
     seed: int = 0,
 ) -> dict:
     """Train, (optionally) learn a representation on labeled + stream, cluster the stream and
     measure (see the module docstring). ``estimator`` (a labeler with ``k_new=None``) also
     estimates the number of new classes on the same features, reported as ``k_estimated``
-    beside the labeler's clustering. Writes ``metrics.json``."""
+    beside the labeler's clustering. ``pretrain`` (e.g. :func:`graphs.train.pretrain`, SimCLR)
+    first trains the fresh model self-supervised on the labeled images and the stream together.
+    Writes ``metrics.json``."""
     if cluster_on not in ("features", "projected"):
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
     started = time.perf_counter()
@@ -72,6 +76,11 @@ def discovery(
                 f"labeled), {protocol.n_new} new; stream {len(protocol.stream)}; device {device}")
 
     net = model(num_classes=protocol.n_old)
+    if pretrain is not None:
+        everything = ImageSet(torch.cat([protocol.labeled.images, protocol.stream.images]),
+                              torch.cat([protocol.labeled.targets, protocol.stream.targets]),
+                              protocol.class_names, f"{protocol.name}/labeled+stream")
+        pretrain(net, everything, augment, device)  # labels are not used
     trainer = train(net, protocol.labeled, augment, device, on_first_step=run_dir.save_operative_config)
     save_checkpoint(run_dir, net, trainer, "model")
     if representation is not None:

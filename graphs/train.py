@@ -92,6 +92,8 @@ def train(
     loss: nn.Module | Callable[..., nn.Module] | None = None,
     confidence_loss: nn.Module | None = None,
     confidence_weight: float = 1.0,
+    contrastive: nn.Module | None = None,
+    contrastive_weight: float = 0.5,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
     seed: int = 0,
     on_first_step: Callable[[], None] | None = None,
@@ -102,6 +104,9 @@ def train(
 
     A model with a confidence head (``Network.confidence``) trains it at the same time with
     ``confidence_weight · confidence_loss`` (e.g. :class:`EvidentialLoss`) on the same features.
+    ``contrastive`` (e.g. :class:`SupConLoss`) adds ``contrastive_weight`` times a contrastive
+    term on the projections of that view and a second augmented view of the batch, with the
+    labels (SupCon, Khosla et al. 2020).
     """
     model.to(device)
     opt = optimizer(model.parameters())
@@ -119,6 +124,9 @@ def train(
         value = criterion(out["logits"], y)
         if head_loss is not None:
             value = value + confidence_weight * head_loss(out["evidence"], y)
+        if contrastive is not None:
+            other = model.encode(augment(x))["projected"]
+            value = value + contrastive_weight * contrastive(out["projected"], other, y)
         return _step(opt, value)
 
     loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed, epochs=epochs)
@@ -219,3 +227,30 @@ def adapt(
 
     loader = image_loader(both, batch_size, sampler="instance", drop_last=True, seed=seed)
     return _fit(Engine(update), loader, opt, epochs, f"adapt {both.name}", None, cosine)
+
+
+@gin.configurable(denylist=["model", "images", "augment", "device"])
+def pretrain(
+    model: nn.Module,
+    images: ImageSet,
+    augment: nn.Module,
+    device: torch.device,
+    loss: nn.Module = gin.REQUIRED,
+    epochs: int = 20,
+    batch_size: int = 128,
+    optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
+    seed: int = 0,
+) -> Engine:
+    """Self-supervised start before supervised training: SimCLR (Chen et al., ICML 2020), i.e.
+    ``loss`` (:class:`SupConLoss` without labels is NT-Xent) between the projections of two
+    augmented views of each image, labels unused, so labeled and unlabeled images train alike."""
+    model.to(device)
+    opt = optimizer(model.parameters())
+
+    def update(engine: Engine, batch) -> dict[str, float]:
+        x, _ = _batch(batch, device, model, augment)
+        first, second = (model.encode(v)["projected"] for v in _views(augment, x, 2))
+        return _step(opt, loss(first, second))
+
+    loader = image_loader(images, batch_size, sampler="instance", drop_last=True, seed=seed)
+    return _fit(Engine(update), loader, opt, epochs, f"pretrain {images.name}", None)

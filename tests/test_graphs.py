@@ -149,3 +149,31 @@ def test_evidential_head_trains_beside_the_classifier_and_grows_with_it():
     assert (out["logits"].argmax(1) == images.targets).float().mean() > 0.9
     model.grow(2)
     assert model.encode(x)["evidence"].shape == (48, 5) and model.num_classes == 5
+
+
+def test_pretrain_learns_views_of_one_image_apart_from_other_images():
+    from components.losses import SupConLoss
+    from graphs.train import pretrain
+
+    images, model = _images(64), _net()
+    augment = BatchAugment(pad=1)
+    engine = pretrain(model, images, augment, CPU, loss=SupConLoss(0.5), epochs=1, batch_size=32,
+                      optimizer=_sgd)
+    first = engine.state.output["loss"]
+    engine = pretrain(model, images, augment, CPU, loss=SupConLoss(0.5), epochs=20, batch_size=32,
+                      optimizer=_sgd)
+    assert engine.state.iteration == 20 * 2
+    assert engine.state.output["loss"] < first  # NT-Xent went down: views found each other
+
+
+def test_train_with_a_supcon_term_moves_the_projector_too():
+    from components.losses import SupConLoss
+
+    images, model = _images(48), _net()
+    before = [p.detach().clone() for p in model.projector.parameters()]
+    train(model, images, BatchAugment(), CPU, epochs=3, batch_size=16, optimizer=_sgd)
+    unchanged = all(torch.equal(b, p) for b, p in zip(before, model.projector.parameters(), strict=True))
+    assert unchanged  # cross-entropy alone never reaches the projector's weights
+    train(model, images, BatchAugment(), CPU, epochs=3, batch_size=16, optimizer=_sgd,
+          contrastive=SupConLoss(), contrastive_weight=0.5)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.projector.parameters(), strict=True))

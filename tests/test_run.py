@@ -193,9 +193,10 @@ def test_a_refused_pool_is_kept_and_the_teacher_reported(tmp_path):
 
 
 def test_discovery_clusters_the_stream_and_estimates_k(tmp_path):
-    code, run_dir = _run(tmp_path, "train.epochs = 10", "adapt.epochs = 3",
+    code, run_dir = _run(tmp_path, "train.epochs = 10", "adapt.epochs = 3", "pretrain.epochs = 1",
                          "estimate/SemiSupervisedKMeans.k_max = 4",
-                         gin_files=("gin/discovery/digits.gin", "gin/discovery/contrastive.gin"))
+                         gin_files=("gin/discovery/digits.gin", "gin/discovery/contrastive.gin",
+                                    "gin/discovery/pretrain.gin"))
     assert code == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["k_new"] == metrics["k_new_true"] == 3
@@ -204,3 +205,4 @@ def test_discovery_clusters_the_stream_and_estimates_k(tmp_path):
     assert metrics["stream"]["all"] > 0.5  # far above chance (10 classes) even after 3 epochs
     names = sorted(p.name.split("_")[0] for p in (run_dir / "checkpoints").glob("*.pt"))
     assert names == ["model", "representation"]
+    assert "discovery.pretrain = @pretrain" in (run_dir / "operative_config.gin").read_text()
