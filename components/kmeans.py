@@ -33,6 +33,7 @@ class KMeansResult:
     inertia: float
     iterations: int
     k_scores: dict[int, float] | None = None  # score of each candidate k_new, when estimated
+    k_estimate: int | None = None  # the number of new classes chosen from those scores
 
 
 def _gpu_default(use_gpu: bool | None) -> bool:
@@ -190,9 +191,11 @@ class SemiSupervisedKMeans:
     ``k_new=None`` estimates the number of new classes in ``1 .. k_max`` (the candidates are
     scored in :attr:`KMeansResult.k_scores`):
 
-    * ``estimate="silhouette"`` (default): the k whose clustering of the unlabeled samples has
-      the best silhouette (Rousseeuw, 1987; scikit-learn's, on a sample of
-      ``silhouette_sample`` points), old clusters included;
+    * ``estimate="silhouette"`` (default): the mean silhouette (Rousseeuw, 1987; scikit-learn's
+      per-sample values, on a sample of ``silhouette_sample`` points) of each candidate's
+      clustering of the unlabeled samples, old clusters included; the *smallest* k whose mean is
+      within one standard error of the best wins (the one-standard-error rule of Breiman et
+      al., 1984: silhouettes often plateau past the true k, and a plateau is noise);
     * ``estimate="gcd"``: GCD's rule (Vaze et al., CVPR 2022, §4): a stratified ``held_out``
       share of the labeled samples is clustered as if unlabeled, and the k with the best
       Hungarian accuracy on them wins (ties: the smallest k).
@@ -245,10 +248,11 @@ class SemiSupervisedKMeans:
             raise ValueError(f"feature widths differ: labeled {x_l.shape[1]}, unlabeled {x_u.shape[1]}")
         if self.k_new is not None:
             return self._fit(x_u, x_l, y_l, n_old, self.k_new * self.overcluster)
-        scores = self._scores(x_u, x_l, y_l, n_old)
-        best = max(scores, key=lambda k: (scores[k], -k))
+        scores, errors = self._scores(x_u, x_l, y_l, n_old)
+        top = max(scores, key=lambda k: (scores[k], -k))
+        best = min(k for k in scores if scores[k] >= scores[top] - errors[top])
         result = self._fit(x_u, x_l, y_l, n_old, best * self.overcluster)
-        result.k_scores = scores
+        result.k_scores, result.k_estimate = scores, best
         return result
 
     def _fit(self, x_u, x_l, y_l, n_old: int, k_new: int) -> KMeansResult:
@@ -256,19 +260,25 @@ class SemiSupervisedKMeans:
         runs = [self._run(x_u, x_l, y_l, old, k_new, self.seed + i) for i in range(self.n_init)]
         return min(runs, key=lambda r: r.inertia)
 
-    def _scores(self, x_u, x_l, y_l, n_old: int) -> dict[int, float]:
-        """Score every candidate number of new classes (higher is better)."""
+    def _scores(self, x_u, x_l, y_l, n_old: int) -> tuple[dict[int, float], dict[int, float]]:
+        """Score every candidate number of new classes (higher is better), with the standard
+        error of each score (0 for GCD's rule, whose ties go to the smallest k)."""
         candidates = range(1, min(self.k_max, len(x_u) - 1) + 1)
         if self.estimate == "silhouette":
-            from sklearn.metrics import silhouette_score
+            from sklearn.metrics import silhouette_samples
 
-            size = min(len(x_u), self.silhouette_sample)
-            out = {}
+            rng = np.random.default_rng(self.seed)
+            sample = rng.choice(len(x_u), min(len(x_u), self.silhouette_sample), replace=False)
+            out, errors = {}, {}
             for k in candidates:
-                labels = self._fit(x_u, x_l, y_l, n_old, k).labels
-                out[k] = (float(silhouette_score(x_u, labels, sample_size=size, random_state=self.seed))
-                          if len(np.unique(labels)) > 1 else -1.0)
-            return out
+                labels = self._fit(x_u, x_l, y_l, n_old, k).labels[sample]
+                if len(np.unique(labels)) < 2:
+                    out[k], errors[k] = -1.0, 0.0
+                    continue
+                values = silhouette_samples(x_u[sample], labels)
+                out[k] = float(values.mean())
+                errors[k] = float(values.std() / np.sqrt(len(values)))
+            return out, errors
         # GCD: a stratified share of the labeled samples joins the unlabeled ones
         rng = np.random.default_rng(self.seed)
         held = np.concatenate([np.array([], dtype=np.int64)] + [
@@ -285,7 +295,7 @@ class SemiSupervisedKMeans:
             labels = self._fit(x_mix, x_l[anchor], y_l[anchor], n_old, k).labels[len(x_u):]
             mapping = hungarian_mapping(y_l[held], labels)
             out[k] = float(np.mean([mapping.get(p, -1) == t for p, t in zip(labels, y_l[held], strict=True)]))
-        return out
+        return out, dict.fromkeys(out, 0.0)
 
     def _prepare(self, x: np.ndarray, what: str) -> np.ndarray:
         x = _check(x, what)

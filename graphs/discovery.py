@@ -94,11 +94,10 @@ def discovery(
     result = labeler(stream[cluster_on], labeled[cluster_on], labeled["targets"], protocol.n_old)
     truth = stream["targets"]
     cluster_seconds = time.perf_counter() - clustered
-    scores = result.k_scores
+    estimate = result
     if estimator is not None:
         estimate = estimator(stream[cluster_on], labeled[cluster_on], labeled["targets"], protocol.n_old)
-        scores = estimate.k_scores
-    k_estimated = None if scores is None else max(scores, key=lambda k: (scores[k], -k))
+    scores, k_estimated = estimate.k_scores, estimate.k_estimate
     metrics = {
         "protocol": protocol.name,
         "seed": seed,

@@ -84,12 +84,12 @@ def test_unknown_k_is_estimated_by_silhouette_and_gcd_scores_every_candidate():
     labeled, labeled_y, unlabeled, truth = _anchored_blobs()
     result = SemiSupervisedKMeans(k_new=None, k_max=6)(unlabeled, labeled, labeled_y, 3)
     assert len(result.centroids) - 3 == 2 and set(result.k_scores) == set(range(1, 7))
-    assert max(result.k_scores, key=result.k_scores.get) == 2
+    assert result.k_estimate == 2 and max(result.k_scores, key=result.k_scores.get) == 2
     assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
     # GCD's rule: held-out labeled samples clustered as unlabeled; here they stay with their
     # class for every k up to 5, so its accuracy is flat and the smallest k wins the tie
     gcd = SemiSupervisedKMeans(k_new=None, k_max=6, estimate="gcd")(unlabeled, labeled, labeled_y, 3)
-    assert set(gcd.k_scores) == set(range(1, 7)) and gcd.k_scores[1] == 1.0
+    assert set(gcd.k_scores) == set(range(1, 7)) and gcd.k_scores[1] == 1.0 and gcd.k_estimate == 1
     with pytest.raises(ValueError, match="labeled samples to hold out"):
         SemiSupervisedKMeans(k_new=None, estimate="gcd")(unlabeled, labeled[::10], labeled_y[::10], 3)
 
