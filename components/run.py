@@ -46,12 +46,61 @@ def parse_config(files: Sequence[str], bindings: Sequence[str]) -> None:
         raise ConfigError(f"{where}: {error}") from None
 
 
+def configurables() -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """Every configurable the project registers with gin (its own and the third-party ones of
+    ``components.external``): ``(name, module, [(parameter, default), ...])``, denylisted
+    (data) parameters left out. gin has no public listing API, so this reads its registry."""
+    import inspect
+
+    from gin import config as gin_config
+
+    out = []
+    for selector, configurable in sorted(gin_config._REGISTRY.items()):  # noqa: SLF001
+        if selector.startswith("gin."):
+            continue
+        try:
+            signature = inspect.signature(configurable.wrapped)
+        except (TypeError, ValueError):  # some builtins have none
+            out.append((configurable.name, configurable.module or "", []))
+            continue
+        hidden = set(configurable.denylist or ())
+        params = []
+        for name, p in signature.parameters.items():
+            if name in hidden or name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            default = p.default
+            if default is inspect.Parameter.empty or default is gin.REQUIRED:
+                text = "REQUIRED"
+            elif callable(default) and hasattr(default, "__name__"):
+                text = f"@{default.__name__}"
+            else:
+                text = repr(default)
+            params.append((name, text))
+        module = "components.run" if configurable.module == "__main__" else configurable.module or ""
+        out.append((configurable.name, module, params))
+    return sorted(out, key=lambda row: (row[1], row[0]))
+
+
+def print_configurables() -> None:
+    """One line per configurable, grouped by module: ``Name(parameter=default, ...)``."""
+    module = None
+    for name, where, params in configurables():
+        if where != module:
+            module = where
+            print(f"\n# {module}")
+        print(f"{name}(" + ", ".join(f"{p}={d}" for p, d in params) + ")")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m components.run",
         description="Run an experiment described by gin files (see gin/ and README.md).",
     )
-    parser.add_argument("--gin", action="append", required=True, metavar="FILE",
+    parser.add_argument("--list", action="store_true",
+                        help="print every configurable with its parameters and defaults, then exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config the gin files and bindings resolve to, without running")
+    parser.add_argument("--gin", action="append", metavar="FILE",
                         help="gin file to parse; repeat to compose several")
     parser.add_argument("--gin-bindings", action="append", default=[], metavar="BINDING",
                         help="extra binding, e.g. 'SamplePool.trigger_size = 200'; repeatable")
@@ -62,12 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print_configurables()
+        return 0
+    if not args.gin:
+        parser.error("--gin FILE is required (or --list)")
     try:
         parse_config(args.gin, args.gin_bindings)
     except ConfigError as error:
         console.print(f"[bold red]config error[/]: {error}")
         return CONFIG_ERROR
+    if args.print_config:
+        print(gin.config_str())  # every binding the files and flags resolve to, macros included
+        return 0
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = RunDir(args.run_dir or Path("runs") / f"{Path(args.gin[-1]).stem}-{stamp}")
     try:

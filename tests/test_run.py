@@ -206,3 +206,21 @@ def test_discovery_clusters_the_stream_and_estimates_k(tmp_path):
     names = sorted(p.name.split("_")[0] for p in (run_dir / "checkpoints").glob("*.pt"))
     assert names == ["model", "representation"]
     assert "discovery.pretrain = @pretrain" in (run_dir / "operative_config.gin").read_text()
+
+
+def test_list_shows_every_configurable_with_its_defaults(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("SemiSupervisedKMeans(k_new=REQUIRED, n_iter=100", "KNNDistance(k=50,",
+                     "lifecycle(data=REQUIRED", "# torch.optim", "SGD("):
+        assert expected in out, expected
+    assert "unlabeled" not in out  # data arguments (denylisted) are not configuration
+
+
+def test_print_config_resolves_files_and_bindings_without_running(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["--gin", DISTILL, "--gin-bindings", "SamplePool.trigger_size = 77", "--print-config",
+                 "--run-dir", str(run_dir)])
+    assert code == 0 and not run_dir.exists()
+    out = capsys.readouterr().out
+    assert "SamplePool.trigger_size = 77" in out and "run.graph = @lifecycle" in out
