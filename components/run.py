@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import gin
 
 import components  # noqa: F401  (registers the components)
 import graphs  # noqa: F401  (registers the graphs)
-from graphs.handlers import RunDir, console
+from graphs.handlers import RunDir, console, setup_logging
 from graphs.report import show_metrics
 
 CONFIG_ERROR = 2
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gin file to parse; repeat to compose several")
     parser.add_argument("--gin-bindings", action="append", default=[], metavar="BINDING",
                         help="extra binding, e.g. 'SamplePool.trigger_size = 200'; repeatable")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="warnings and the final table only")
+    loudness.add_argument("--verbose", action="store_true", help="debug messages too")
     parser.add_argument("--run-dir", default=None,
                         help="where metrics, checkpoints and the operative config go "
                              "(default runs/<gin name>-<time>)")
@@ -118,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.gin:
         parser.error("--gin FILE is required (or --list)")
+    setup_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         parse_config(args.gin, args.gin_bindings)
     except ConfigError as error:
@@ -137,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]error[/]: {error}")
         return CONFIG_ERROR
     show_metrics(metrics)
-    console.print(f"run directory: [bold]{run_dir.path}[/]")
+    console.print(f"run directory: [bold]{run_dir.path}[/]")  # shown even with --quiet
     return 0
 
 

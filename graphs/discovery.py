@@ -30,7 +30,7 @@ from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData
 from components.metrics import clustering_accuracy
 from graphs.encode import encode
-from graphs.handlers import RunDir, console, save_checkpoint
+from graphs.handlers import RunDir, describe, log, save_checkpoint
 from graphs.train import train
 
 
@@ -72,10 +72,11 @@ def discovery(
     protocol = data()
     if len(protocol.stream) == 0:
         raise ValueError(f"{protocol.name} has no stream to cluster: give the protocol new classes")
-    console.log(f"[bold]{protocol.name}[/]: {protocol.n_old} old classes ({len(protocol.labeled)} "
-                f"labeled), {protocol.n_new} new; stream {len(protocol.stream)}; device {device}")
+    log.info(f"[bold]{protocol.name}[/]: {protocol.n_old} old classes ({len(protocol.labeled)} "
+             f"labeled), {protocol.n_new} new; stream {len(protocol.stream)}; device {device}")
 
     net = model(num_classes=protocol.n_old)
+    log.info(describe(net))
     if pretrain is not None:
         everything = ImageSet(torch.cat([protocol.labeled.images, protocol.stream.images]),
                               torch.cat([protocol.labeled.targets, protocol.stream.targets]),

@@ -1,11 +1,18 @@
-"""Ignite handlers shared by the graphs: rich progress bars and the run directory."""
+"""Ignite handlers shared by the graphs: logging, rich progress bars and the run directory.
+
+Graphs log through the ``components`` logger (Python logging); :func:`setup_logging` routes it
+through rich's handler at the level the command line asks for (``--quiet``: warnings only and
+no progress bars; ``--verbose``: debug messages too, with their source lines).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,41 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 console = Console(stderr=True)
+log = logging.getLogger("components")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send the ``components`` logger to rich's handler on stderr at ``level``."""
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, markup=True, show_path=level <= logging.DEBUG)
+    log.handlers.clear()
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    # warnings.warn (e.g. a short validation split) the same way, as one line without the
+    # source line of gin's wrapper that issued it
+    warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}"
+    logging.captureWarnings(True)
+    py_warnings = logging.getLogger("py.warnings")
+    py_warnings.handlers.clear()
+    py_warnings.addHandler(handler)
+    py_warnings.propagate = False
+
+
+def describe(model: nn.Module) -> str:
+    """One line on a model for the start-of-run summary: backbone, heads, parameters."""
+    parts = [type(getattr(model, "backbone", model)).__name__]
+    for head in ("classifier", "confidence"):
+        if getattr(model, head, None) is not None:
+            parts.append(f"{head} {type(getattr(model, head)).__name__}")
+    count = sum(p.numel() for p in model.parameters())
+    return f"model: {', '.join(parts)} ({count / 1e6:.2f} M parameters)"
+
+
+def _bars_shown() -> bool:
+    """Progress bars are info-level output: hidden when the logger is quieter than that."""
+    return log.getEffectiveLevel() <= logging.INFO
 
 
 @contextlib.contextmanager
@@ -43,6 +85,9 @@ def progress(engine: Engine, description: str, show: str | None = "loss"):
             info = f"{show} {value:.4f}" if math.isfinite(value) else f"{show} {value}"
         bar.update(task, advance=1, info=info)
 
+    if not _bars_shown():
+        yield bar
+        return
     handles = [engine.add_event_handler(Events.STARTED, started),
                engine.add_event_handler(Events.ITERATION_COMPLETED, advance)]
     with bar:

@@ -25,7 +25,7 @@ from components.scores import Score
 from components.thresholds import FalseAlarmRate
 from graphs.encode import encode
 from graphs.evaluate import evaluate
-from graphs.handlers import RunDir, console, save_checkpoint
+from graphs.handlers import RunDir, describe, log, save_checkpoint
 from graphs.novelty import FIVE_PERCENT_FALSE_ALARMS, assess, scaled, temperature_of
 from graphs.online import online, score_outputs
 from graphs.train import adapt, distill, train
@@ -71,7 +71,7 @@ def lifecycle(
     manual_seed(seed)
     device = idist.device()
     protocol = data()
-    console.log(
+    log.info(
         f"[bold]{protocol.name}[/]: {protocol.n_old} old classes ({len(protocol.labeled)} labeled "
         f"images), {protocol.n_new} new; stream {len(protocol.stream)}, test {len(protocol.test)}; "
         f"device {device}"
@@ -81,6 +81,7 @@ def lifecycle(
 
     # 1. train the first model on the long-tailed labeled classes
     teacher = model(num_classes=protocol.n_old)
+    log.info(describe(teacher))
     trainer = train(teacher, protocol.labeled, augment, device,
                     on_first_step=run_dir.save_operative_config)
     save_checkpoint(run_dir, teacher, trainer, "teacher")
@@ -101,25 +102,25 @@ def lifecycle(
     elif isinstance(score, Score):
         score.fit(cached["labeled"])
     for note in notes:
-        console.log(f"[yellow]{note}[/]")
+        log.warning(f"[yellow]{note}[/]")
     threshold = pool.threshold
     position, scores = online(stream, score, pool)
     stream_targets = cached["stream"]["targets"]
     seen_new = stream_targets[:position] >= protocol.n_old
     pooled = np.isin(np.arange(position), pool.ids)
     if pool.ready:
-        console.log(f"pool fired: {len(pool)} of the first {position} stream samples pooled "
-                    f"(threshold {threshold:.4f})")
+        log.info(f"pool fired: {len(pool)} of the first {position} stream samples pooled "
+                 f"(threshold {threshold:.4f})")
     else:
-        console.log(f"stream ended before the pool reached {pool.trigger_size}: discovering on "
-                    f"the {len(pool)} pooled of {position} (threshold {threshold:.4f})")
+        log.info(f"stream ended before the pool reached {pool.trigger_size}: discovering on "
+                 f"the {len(pool)} pooled of {position} (threshold {threshold:.4f})")
 
     # 3-4. discover new classes in the pool, then distill into a grown student
     if len(pool) == 0:
         notes.append(f"the pool is empty after {position} stream samples (the threshold "
                      f"{threshold:.4g} let none in): nothing to discover, the teacher is reported "
                      "as it is; raise the threshold rule's rate or use another score")
-        console.log(f"[yellow]{notes[-1]}[/]")
+        log.warning(f"[yellow]{notes[-1]}[/]")
         student, k_new = None, 0
         pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
                                        "new_balanced", "nmi", "ari"), float("nan"))
@@ -131,7 +132,7 @@ def lifecycle(
         except PoolRefused as error:  # the labeler refused the pool: keep it for the next trigger
             notes.append(f"discovery refused the pool ({error}); its {len(pool)} samples stay "
                          "pooled for the next trigger and the teacher is reported as it is")
-            console.log(f"[yellow]{notes[-1]}[/]")
+            log.warning(f"[yellow]{notes[-1]}[/]")
             student, k_new = None, 0
             pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
                                            "new_balanced", "nmi", "ari"), float("nan"))

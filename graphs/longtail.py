@@ -24,7 +24,7 @@ from torch import nn
 from components.cache import FeatureCache, model_fingerprint
 from components.data import ProtocolData
 from graphs.encode import encode_entry
-from graphs.handlers import RunDir, console, save_checkpoint
+from graphs.handlers import RunDir, describe, log, save_checkpoint
 from graphs.plots import per_class_accuracy_plot
 from graphs.recalibrate import recalibrate
 from graphs.train import train
@@ -61,11 +61,12 @@ def longtail(
     device = idist.device()
     protocol = data()
     counts = protocol.train_counts
-    console.log(f"[bold]{protocol.name}[/]: {protocol.n_old} classes, {len(protocol.labeled)} labeled "
-                f"images (head {max(counts)}, tail {min(counts)}), validation "
-                f"{len(protocol.val) if protocol.val is not None else 0}, test {len(protocol.test)}; "
-                f"device {device}")
+    log.info(f"[bold]{protocol.name}[/]: {protocol.n_old} classes, {len(protocol.labeled)} labeled "
+             f"images (head {max(counts)}, tail {min(counts)}), validation "
+             f"{len(protocol.val) if protocol.val is not None else 0}, test {len(protocol.test)}; "
+             f"device {device}")
     net = model(num_classes=protocol.n_old)
+    log.info(describe(net))
     trainer = train(net, protocol.labeled, augment, device, on_first_step=run_dir.save_operative_config)
     checkpoint = save_checkpoint(run_dir, net, trainer, "model")
 

@@ -29,7 +29,7 @@ from components.metrics import longtail_accuracy, novelty_metrics, pool_quality
 from components.scores import Score
 from components.thresholds import FalseAlarmRate, fit_temperature
 from graphs.encode import encode
-from graphs.handlers import RunDir, console, save_checkpoint
+from graphs.handlers import RunDir, describe, log, save_checkpoint
 from graphs.online import score_outputs
 from graphs.plots import score_histogram
 from graphs.train import train
@@ -111,11 +111,12 @@ def novelty(
         raise ValueError(f"{protocol.name} has no stream to score: give the protocol new classes")
     if not scores:
         raise ValueError("novelty.scores is empty: bind a list, e.g. [@MaxSoftmax(), @KNNDistance()]")
-    console.log(f"[bold]{protocol.name}[/]: {protocol.n_old} old classes ({len(protocol.labeled)} "
-                f"labeled, {len(protocol.val) if protocol.val is not None else 0} held out), "
-                f"stream {len(protocol.stream)}; device {device}")
+    log.info(f"[bold]{protocol.name}[/]: {protocol.n_old} old classes ({len(protocol.labeled)} "
+             f"labeled, {len(protocol.val) if protocol.val is not None else 0} held out), "
+             f"stream {len(protocol.stream)}; device {device}")
 
     net = model(num_classes=protocol.n_old)
+    log.info(describe(net))
     trainer = train(net, protocol.labeled, augment, device, on_first_step=run_dir.save_operative_config)
     save_checkpoint(run_dir, net, trainer, "model")
     splits = {"labeled": protocol.labeled, "val": protocol.val, "stream": protocol.stream,
@@ -139,11 +140,11 @@ def novelty(
             row = assess(score, cached["labeled"], val, stream, protocol.n_old, threshold)
         except (ValueError, RuntimeError) as error:
             results[name] = {"error": str(error)}
-            console.log(f"[yellow]{name}: not measured[/]: {error}")
+            log.warning(f"[yellow]{name}: not measured[/]: {error}")
             continue
         for key in ("threshold_error", "novelty_error"):
             if key in row:
-                console.log(f"[yellow]{name}[/]: {row[key]}")
+                log.warning(f"[yellow]{name}[/]: {row[key]}")
         score_histogram(run_dir.file(f"scores_{name}.png"), row.pop("scores"), is_new,
                         f"{protocol.name}, seed {seed}: {name} (AUROC {row['novelty']['auroc']:.3f})")
         results[name] = row
@@ -152,7 +153,7 @@ def novelty(
     old = test["targets"] < protocol.n_old
     accuracy = longtail_accuracy(test["targets"][old], test["logits"][old].argmax(1), protocol.train_counts)
     for note in notes:
-        console.log(f"[yellow]{note}[/]")
+        log.warning(f"[yellow]{note}[/]")
     metrics = {
         "protocol": protocol.name, "seed": seed, "old_accuracy": accuracy,
         "temperature": temperature, "threshold_rule": repr(threshold), "scores": results,

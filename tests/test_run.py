@@ -224,3 +224,20 @@ def test_print_config_resolves_files_and_bindings_without_running(tmp_path, caps
     assert code == 0 and not run_dir.exists()
     out = capsys.readouterr().out
     assert "SamplePool.trigger_size = 77" in out and "run.graph = @lifecycle" in out
+
+
+def test_quiet_shows_warnings_and_the_table_but_no_progress(tmp_path, capsys):
+    quiet_dir = tmp_path / "quiet"
+    code = main(["--gin", "gin/novelty/digits.gin", "--quiet", "--run-dir", str(quiet_dir),
+                 "--gin-bindings", "train.epochs = 1", "--gin-bindings", "novelty.scores = [@Energy()]",
+                 "--gin-bindings", "make_protocol.val_per_class = 0",  # warns: no held-out images
+                 "--gin-bindings", f"FeatureCache.root = '{tmp_path / 'cache'}'"])
+    err = capsys.readouterr().err
+    assert code == 0 and "novelty scores on the stream" in err and "run directory" in err
+    assert "INFO" not in err and "train digits-7/3" not in err  # no info lines, no bars
+    assert "WARNING" in err and "temperature scaling needs held-out" in err  # warnings still shown
+    code = main(["--gin", "gin/novelty/digits.gin", "--run-dir", str(tmp_path / "loud"),
+                 "--gin-bindings", "train.epochs = 1", "--gin-bindings", "novelty.scores = [@Energy()]",
+                 "--gin-bindings", f"FeatureCache.root = '{tmp_path / 'cache'}'"])
+    err = capsys.readouterr().err
+    assert code == 0 and "model: SmallConvNet" in err and "train digits-7/3" in err
