@@ -201,6 +201,12 @@ class SemiSupervisedKMeans:
       Hungarian accuracy on them wins (ties: the smallest k).
 
     ``overcluster=m`` makes ``m`` times as many new clusters (each a pseudo-class of its own).
+
+    ``whiten=True`` clusters in Mahalanobis geometry: features are centred and multiplied by
+    ``(Σ + ε·λ_max·I)^(-1/2)``, Σ the within-class covariance of the labeled samples shared by
+    all classes (as :class:`components.scores.Mahalanobis` uses it), ``ε = whiten_ridge``. The
+    directions along which known classes vary are shrunk, those they do not use (where new
+    classes differ) stretched. It is applied before ``normalize``.
     """
 
     def __init__(
@@ -216,6 +222,8 @@ class SemiSupervisedKMeans:
         held_out: float = 0.3,
         silhouette_sample: int = 4000,
         overcluster: int = 1,
+        whiten: bool = False,
+        whiten_ridge: float = 1e-3,
     ) -> None:
         if k_new is not None and k_new < 1:
             raise ValueError(f"k_new must be >= 1 (or None to estimate it), got {k_new}")
@@ -229,12 +237,16 @@ class SemiSupervisedKMeans:
         self.use_gpu = _gpu_default(use_gpu)
         self.k_max, self.estimate, self.held_out = k_max, estimate, held_out
         self.silhouette_sample, self.overcluster = silhouette_sample, overcluster
+        self.whiten, self.whiten_ridge = whiten, whiten_ridge
 
     def __call__(
         self, unlabeled: np.ndarray, labeled: np.ndarray, labeled_targets: np.ndarray, n_old: int
     ) -> KMeansResult:
-        x_u, x_l = self._prepare(unlabeled, "unlabeled"), self._prepare(labeled, "labeled")
         y_l = np.asarray(labeled_targets, dtype=np.int64)
+        x_u, x_l = _check(unlabeled, "unlabeled"), _check(labeled, "labeled")
+        if self.whiten and x_l.shape[1] == x_u.shape[1] and len(np.unique(y_l)) == n_old:
+            x_u, x_l = whitened(x_u, x_l, y_l, self.whiten_ridge)
+        x_u, x_l = self._prepare(x_u, "unlabeled"), self._prepare(x_l, "labeled")
         wanted = (self.k_new or 1) * self.overcluster
         if len(x_u) < wanted:
             raise ValueError(
@@ -332,6 +344,22 @@ class SemiSupervisedKMeans:
         dist_l = ((x_l - centroids[y_l]) ** 2).sum(1)
         inertia = float(dist.sum() + dist_l.sum())
         return KMeansResult(labels, dist, centroids, inertia, iterations)
+
+
+def whitened(x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
+             ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Both feature sets centred on the labeled mean and multiplied by ``(Σ + ε λ_max I)^(-1/2)``,
+    Σ the labeled samples' within-class covariance shared by all classes."""
+    x_l64 = x_l.astype(np.float64)
+    classes = np.unique(y_l)
+    means = np.stack([x_l64[y_l == c].mean(0) for c in classes])
+    centred = x_l64 - means[np.searchsorted(classes, y_l)]
+    values, vectors = np.linalg.eigh(centred.T @ centred / len(x_l64))
+    values = np.maximum(values, 0.0) + ridge * max(values.max(), 1e-12)
+    transform = (vectors / np.sqrt(values)) @ vectors.T
+    mean = x_l64.mean(0)
+    return (((x_u - mean) @ transform).astype(np.float32),
+            ((x_l64 - mean) @ transform).astype(np.float32))
 
 
 def confident(result: KMeansResult, fraction: float, first: int = 0) -> np.ndarray:

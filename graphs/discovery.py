@@ -18,11 +18,13 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import gin
 import ignite.distributed as idist
 import numpy as np
 import torch
+from ignite.handlers import Checkpoint
 from ignite.utils import manual_seed
 from torch import nn
 
@@ -88,9 +90,19 @@ def discovery(
         net = copy.deepcopy(net)
         learner = representation(net, protocol.labeled, protocol.stream, augment, device)
         save_checkpoint(run_dir, net, learner, "representation")
+    metrics = _cluster_and_measure(net, protocol, augment, cache, device, labeler, estimator,
+                                   cluster_on, seed, started)
+    run_dir.save_operative_config()
+    run_dir.write_json("metrics.json", metrics)
+    return metrics
+
+
+def _cluster_and_measure(net, protocol, augment, cache, device, labeler, estimator, cluster_on: str,
+                         seed: int, started: float) -> dict:
+    """Encode (or read from the cache) the labeled set and the stream, cluster the stream and
+    measure it (the module docstring lists what)."""
     labeled = encode(net, protocol.labeled, augment, cache, device)
     stream = encode(net, protocol.stream, augment, cache, device)
-
     clustered = time.perf_counter()
     result = labeler(stream[cluster_on], labeled[cluster_on], labeled["targets"], protocol.n_old)
     truth = stream["targets"]
@@ -98,19 +110,69 @@ def discovery(
     estimate = result
     if estimator is not None:
         estimate = estimator(stream[cluster_on], labeled[cluster_on], labeled["targets"], protocol.n_old)
-    scores, k_estimated = estimate.k_scores, estimate.k_estimate
-    metrics = {
+    return {
         "protocol": protocol.name,
         "seed": seed,
         "stream": clustering_accuracy(truth, result.labels, truth < protocol.n_old),
         "assigned_new": assigned_new(truth, result.labels, protocol.n_old),
         "k_new": int(len(result.centroids) - protocol.n_old),
         "k_new_true": protocol.n_new,
-        "k_estimated": k_estimated,
-        "k_scores": {str(k): v for k, v in (scores or {}).items()},
+        "k_estimated": estimate.k_estimate,
+        "k_scores": {str(k): v for k, v in (estimate.k_scores or {}).items()},
         "cluster_seconds": cluster_seconds,
         "seconds": time.perf_counter() - started,
     }
+
+
+@gin.configurable(denylist=["run_dir"])
+def recluster_run(
+    run_dir: RunDir,
+    source: str = gin.REQUIRED,
+    cluster_on: str | None = None,
+) -> dict:
+    """Cluster the stream of an earlier ``discovery`` run (its folder is ``source``) again: loads
+    the run's last checkpoint (the learned representation if there is one) and reads the
+    features from the cache, so it takes seconds. Data, model, augmentation, cache, labeler,
+    estimator and seed are the ``discovery.*`` bindings of the config parsed with it (the
+    earlier run's ``operative_config.gin``) with any binding given after it, e.g.::
+
+        python -m components.run --gin runs/X/operative_config.gin \
+          --gin-bindings 'run.graph = @recluster_run' --gin-bindings "recluster_run.source = 'runs/X'" \
+          --gin-bindings 'SemiSupervisedKMeans.whiten = True'
+    """
+    started = time.perf_counter()
+    data, model, augment, cache, labeler = (_discovery_binding(k) for k in
+                                            ("data", "model", "augment", "cache", "labeler"))
+    estimator, seed = _discovery_binding("estimator", None), _discovery_binding("seed", 0)
+    cluster_on = cluster_on or _discovery_binding("cluster_on", "features")
+    folder = Path(source)
+    checkpoints = {p.name.split("_")[0]: p for p in sorted((folder / "checkpoints").glob("*.pt"))}
+    name = "representation" if "representation" in checkpoints else "model"
+    if name not in checkpoints:
+        raise FileNotFoundError(f"{folder / 'checkpoints'} holds no model_*.pt or representation_*.pt: "
+                                "give recluster_run.source the folder of a discovery run")
+    protocol = data()
+    net = model(num_classes=protocol.n_old)
+    Checkpoint.load_objects({"model": net}, torch.load(checkpoints[name], weights_only=True))
+    log.info(f"reclustering {folder} with its {name} checkpoint ({cluster_on})")
+    metrics = _cluster_and_measure(net, protocol, augment, cache, idist.device(), labeler, estimator,
+                                   cluster_on, seed, started)
+    metrics["source"] = str(folder)
     run_dir.save_operative_config()
     run_dir.write_json("metrics.json", metrics)
     return metrics
+
+
+def _discovery_binding(name: str, default=gin.REQUIRED):
+    """What ``discovery.<name>`` is bound to in the parsed config, references resolved
+    (``@X`` is the callable, ``@X()`` calls it)."""
+    try:
+        value = gin.query_parameter(f"discovery.{name}")
+    except ValueError:
+        if default is gin.REQUIRED:
+            raise ValueError(f"recluster_run needs discovery.{name} bound: parse the earlier run's "
+                             "operative_config.gin first (--gin runs/X/operative_config.gin)") from None
+        return default
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+    return value  # a literal (macros such as %SEED are references too, resolved above)
