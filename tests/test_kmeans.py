@@ -110,3 +110,30 @@ def test_overclustering_and_confident_pseudo_labels():
     assert confident(result, 0.5, first=3)[result.labels < 3].all()  # old clusters kept whole
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         confident(result, 0.0)
+
+
+def test_whitening_finds_new_classes_along_directions_the_old_ones_do_not_use():
+    """Old classes vary a lot along axis 0; two new classes differ only along axis 1, by far
+    less. Plain k-means splits the big axis; in the old classes' Mahalanobis geometry (whiten)
+    axis 1 is stretched and the new classes come apart."""
+    from components.kmeans import SemiSupervisedKMeans, whitened
+
+    rng = np.random.default_rng(0)
+
+    def draw(n, centre):
+        return (np.array(centre) + rng.standard_normal((n, 3)) * [10.0, 0.1, 0.1]).astype(np.float32)
+
+    labeled = np.concatenate([draw(100, [0, 0, 5]), draw(100, [0, 0, -5])])
+    labeled_y = np.repeat([0, 1], 100)
+    unlabeled = np.concatenate([draw(100, [0, 0, 5]), draw(100, [0, 0, -5]),
+                                draw(100, [0, 1, 0]), draw(100, [0, -1, 0])])
+    truth = np.repeat([0, 1, 2, 3], 100)
+    plain = SemiSupervisedKMeans(k_new=2, normalize=False)(unlabeled, labeled, labeled_y, 2)
+    white = SemiSupervisedKMeans(k_new=2, normalize=False, whiten=True)(unlabeled, labeled, labeled_y, 2)
+    new = truth >= 2
+    assert adjusted_rand_score(truth[new], white.labels[new]) > 0.95
+    assert adjusted_rand_score(truth[new], plain.labels[new]) < 0.3
+    # the transform makes the labeled within-class covariance the identity (up to the ridge)
+    _, w_l = whitened(unlabeled, labeled, labeled_y, ridge=1e-9)
+    centred = w_l - np.stack([w_l[labeled_y == c].mean(0) for c in (0, 1)])[labeled_y]
+    np.testing.assert_allclose(centred.T @ centred / len(w_l), np.eye(3), atol=1e-3)

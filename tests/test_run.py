@@ -206,6 +206,18 @@ def test_discovery_clusters_the_stream_and_estimates_k(tmp_path):
     names = sorted(p.name.split("_")[0] for p in (run_dir / "checkpoints").glob("*.pt"))
     assert names == ["model", "representation"]
     assert "discovery.pretrain = @pretrain" in (run_dir / "operative_config.gin").read_text()
+    # cluster the same run again from its checkpoint and cache, whitened: no training
+    again = tmp_path / "again"
+    code = main(["--gin", str(run_dir / "operative_config.gin"), "--run-dir", str(again),
+                 "--gin-bindings", "run.graph = @recluster_run",
+                 "--gin-bindings", f"recluster_run.source = '{run_dir}'",
+                 "--gin-bindings", "recluster_run.cluster_on = 'features'",
+                 "--gin-bindings", "SemiSupervisedKMeans.whiten = True"])
+    assert code == 0
+    redone = json.loads((again / "metrics.json").read_text())
+    assert redone["source"] == str(run_dir) and redone["k_new"] == 3
+    assert redone["stream"] != metrics["stream"]  # another geometry, another clustering
+    assert not (again / "checkpoints").exists()
 
 
 def test_list_shows_every_configurable_with_its_defaults(capsys):
