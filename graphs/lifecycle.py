@@ -28,6 +28,7 @@ from graphs.evaluate import evaluate
 from graphs.handlers import RunDir, describe, log, save_checkpoint
 from graphs.novelty import FIVE_PERCENT_FALSE_ALARMS, assess, scaled, temperature_of
 from graphs.online import online, score_outputs
+from graphs.report import write_lifecycle_report
 from graphs.train import adapt, distill, train
 
 
@@ -104,7 +105,8 @@ def lifecycle(
     for note in notes:
         log.warning(f"[yellow]{note}[/]")
     threshold = pool.threshold
-    position, scores = online(stream, score, pool)
+    trace: list[tuple[int, int]] = []
+    position, scores = online(stream, score, pool, trace=trace)
     stream_targets = cached["stream"]["targets"]
     seen_new = stream_targets[:position] >= protocol.n_old
     pooled = np.isin(np.arange(position), pool.ids)
@@ -121,26 +123,26 @@ def lifecycle(
                      f"{threshold:.4g} let none in): nothing to discover, the teacher is reported "
                      "as it is; raise the threshold rule's rate or use another score")
         log.warning(f"[yellow]{notes[-1]}[/]")
-        student, k_new = None, 0
+        student, k_new, extras = None, 0, {}
         pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
                                        "new_balanced", "nmi", "ari"), float("nan"))
     else:
         try:
-            student, k_new, pool_clusters = _discover_and_distill(
+            student, k_new, pool_clusters, extras = _discover_and_distill(
                 run_dir, protocol, teacher, pool, position, cached, augment, cache, device, labeler,
                 representation, cluster_on, keep_fraction)
         except PoolRefused as error:  # the labeler refused the pool: keep it for the next trigger
             notes.append(f"discovery refused the pool ({error}); its {len(pool)} samples stay "
                          "pooled for the next trigger and the teacher is reported as it is")
             log.warning(f"[yellow]{notes[-1]}[/]")
-            student, k_new = None, 0
+            student, k_new, extras = None, 0, {}
             pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
                                            "new_balanced", "nmi", "ari"), float("nan"))
 
     # 5. evaluate both models on held-out test images
     before = evaluate(cached["test"], protocol.n_old, protocol.train_counts)
-    after = before if student is None else evaluate(
-        encode(student, protocol.test, augment, cache, device), protocol.n_old, protocol.train_counts)
+    tested = cached["test"] if student is None else encode(student, protocol.test, augment, cache, device)
+    after = before if student is None else evaluate(tested, protocol.n_old, protocol.train_counts)
     metrics = {
         "protocol": protocol.name,
         "seed": seed,
@@ -157,6 +159,9 @@ def lifecycle(
     }
     run_dir.save_operative_config()
     run_dir.write_json("metrics.json", metrics)
+    histories = {"train": trainer.state.history, **extras.pop("histories", {})}
+    write_lifecycle_report(run_dir, metrics, protocol, histories, cached["test"], tested, scores,
+                           seen_new, trace, pool.trigger_size, extras)
     return metrics
 
 
@@ -180,15 +185,18 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     """Learn a representation on the labeled images and everything the stream has shown so far
     (optional), cluster the pool with the labeler (semi-supervised k-means anchored by the
     labeled set), grow a student by the discovered classes and distill into it on the confident
-    pseudo-labels, which leave the pool. Returns the student, the number of discovered classes
-    and the pool's clustering accuracy. Raises :class:`PoolRefused`, with the pool untouched,
-    when the labeler refuses it."""
+    pseudo-labels, which leave the pool. Returns the student, the number of discovered classes,
+    the pool's clustering accuracy and what the report shows (training histories, the pool's
+    clustered features, true classes and clusters). Raises :class:`PoolRefused`, with the pool
+    untouched, when the labeler refuses it."""
     ids = pool.ids
     pool_images = protocol.stream.subset(ids, f"{protocol.name}/pool")
     seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
     learner = copy.deepcopy(teacher)
+    histories = {}
     if representation is not None:
-        representation(learner, protocol.labeled, seen, augment, device)
+        adapted = representation(learner, protocol.labeled, seen, augment, device)
+        histories["representation"] = getattr(getattr(adapted, "state", None), "history", [])
         cached_pool = encode(learner, pool_images, augment, cache, device)
         cached_labeled = encode(learner, protocol.labeled, augment, cache, device)
     else:
@@ -217,5 +225,7 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     distiller = distill(student, teacher, taught, augment, device)
     pool.remove(ids[keep])
     save_checkpoint(run_dir, student, distiller, "student")
-
-    return student, k_new, pool_clusters
+    histories["distill"] = distiller.state.history
+    extras = {"histories": histories, "pool_features": cached_pool[cluster_on], "pool_truth": pool_truth,
+              "pool_clusters": result.labels, "cluster_on": cluster_on}
+    return student, k_new, pool_clusters, extras

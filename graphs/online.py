@@ -31,12 +31,14 @@ def online(
     pool: SamplePool,
     start: int = 0,
     batch_size: int = 32,
+    trace: list[tuple[int, int]] | None = None,
 ) -> tuple[int, np.ndarray]:
     """Feed the stream's cached outputs from ``start`` in batches to ``score`` (a
     :class:`Score` sees every cached output, a plain function the logits) and ``pool``.
 
     Stops after the batch that makes the pool ready (firing ``PoolEvents.POOL_READY``) or at
-    the end of the stream. Returns the next stream position and the scores seen.
+    the end of the stream. Returns the next stream position and the scores seen; ``trace``, if
+    given, gets ``(position, pool size)`` after every batch.
     """
     arrays = {k: torch.from_numpy(np.asarray(v)) for k, v in stream.items() if k not in ("ids", "targets")}
     n = len(arrays["logits"])
@@ -49,6 +51,8 @@ def online(
         seen.append(scores)
         pooled = pool.add(stream["ids"][lo:hi], scores.numpy())
         engine.state.position = hi
+        if trace is not None:
+            trace.append((hi, len(pool)))
         if pool.ready:
             engine.fire_event(PoolEvents.POOL_READY)
         return {"pooled": pooled}

@@ -62,3 +62,85 @@ def score_histogram(path: Path, scores, is_new, title: str, bins: int = 40) -> P
     ax.set_title(title)
     ax.legend()
     return _save(fig, path)
+
+
+def training_curves(path: Path, histories: Mapping[str, Sequence[Mapping[str, float]]], title: str) -> Path:
+    """Per-epoch mean loss (left) and training-batch accuracy (right, where tracked) of each
+    training stage, one line per stage."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for stage, history in histories.items():
+        epochs = range(1, len(history) + 1)
+        left.plot(epochs, [h["loss"] for h in history], marker=".", label=stage)
+        if history and "accuracy" in history[0]:
+            right.plot(epochs, [100 * h["accuracy"] for h in history], marker=".", label=stage)
+    left.set_xlabel("epoch")
+    left.set_ylabel("mean training loss")
+    left.set_title("loss")
+    left.legend()
+    right.set_xlabel("epoch")
+    right.set_ylabel("training-batch accuracy (%)")
+    right.set_ylim(0, 100)
+    right.set_title("accuracy (supervised stage)")
+    if right.lines:
+        right.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def confusion_plot(path: Path, y_true, y_pred, labels: Sequence[str], title: str) -> Path:
+    """Confusion matrix (rows: true class, columns: predicted), scikit-learn's display."""
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 0.8 + 0.6 * len(labels)))
+    ConfusionMatrixDisplay.from_predictions(
+        np.asarray(y_true), np.asarray(y_pred), labels=list(range(len(labels))), display_labels=labels,
+        ax=ax, colorbar=False, xticks_rotation=60, values_format="d")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def pool_over_stream(path: Path, trace: Sequence[tuple[int, int]], trigger: int, title: str) -> Path:
+    """Pool size against stream position, with the trigger size and where the pool fired."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    positions, sizes = zip(*trace, strict=True) if trace else ((), ())
+    ax.step(positions, sizes, where="post", label="pooled samples")
+    ax.axhline(trigger, color="tab:red", linestyle="--", label=f"trigger ({trigger})")
+    fired = [p for p, n in trace if n >= trigger][:1]
+    for p in fired:
+        ax.axvline(p, color="tab:green", linestyle=":", label=f"fired at sample {p}")
+    ax.set_xlabel("stream position (samples seen)")
+    ax.set_ylabel("samples in the pool")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def embedding_plot(path: Path, features, truth, clusters, class_names: Sequence[str], title: str,
+                   method: str = "pca", seed: int = 0, n_old: int | None = None) -> Path:
+    """2-D view of features (scikit-learn's PCA, or t-SNE with ``method="tsne"``), colored by
+    true class (left) and by cluster (right; clusters from ``n_old`` on are the new ones)."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"embedding method must be 'pca' or 'tsne', got {method!r}")
+    x = np.asarray(features, dtype=np.float32)
+    reducer = PCA(2, random_state=seed) if method == "pca" else TSNE(2, random_state=seed, init="pca")
+    xy = reducer.fit_transform(x)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = ((axes[0], np.asarray(truth), "true class"), (axes[1], np.asarray(clusters), "cluster"))
+    for ax, labels, what in panels:
+        for value in np.unique(labels):
+            mask = labels == value
+            name = class_names[value] if what == "true class" and value < len(class_names) else str(value)
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7, label=name)
+        ax.set_title(f"colored by {what}")
+        ax.set_xlabel(f"{method.upper()} 1")
+        ax.set_ylabel(f"{method.upper()} 2")
+        legend_title = "class" if what == "true class" else (
+            "cluster" if n_old is None else f"cluster (from {n_old}: new)")
+        ax.legend(fontsize=7, markerscale=2, ncol=2, title=legend_title, title_fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from rich.table import Table
 
@@ -13,12 +14,9 @@ def _pct(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def metrics_table(m: dict) -> Table:
-    table = Table(title=f"{m['protocol']} (seed {m['seed']}, {m['seconds']:.0f} s)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+def _lifecycle_rows(m: dict) -> list[tuple[str, str]]:
     test, shots = m["test"], m["shots"]
-    rows = [
+    return [
         ("test accuracy, all classes (%)", _pct(test["all"])),
         ("test accuracy, old classes (%)", _pct(test["old"])),
         ("test accuracy, new classes (%)", _pct(test["new"])),
@@ -31,9 +29,91 @@ def metrics_table(m: dict) -> Table:
         ("pool clustering accuracy all / new (%)",
          f"{_pct(m['pool_clustering']['all'])} / {_pct(m['pool_clustering']['new'])}"),
     ]
-    for row in rows:
+
+
+def metrics_table(m: dict) -> Table:
+    table = Table(title=f"{m['protocol']} (seed {m['seed']}, {m['seconds']:.0f} s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for row in _lifecycle_rows(m):
         table.add_row(*row)
     return table
+
+
+def write_lifecycle_report(run_dir, m: dict, protocol, histories: dict, before: dict, after: dict,
+                           scores, seen_new, trace, trigger: int, extras: dict,
+                           embedding: str = "pca") -> Path:
+    """``report.md`` in the run directory: the final table as Markdown and the plots it links
+    (training curves, confusion matrix after distillation, per-class accuracy against training
+    count, score histogram, pool size over the stream, a 2-D view of the pool)."""
+    import numpy as np
+
+    from components.metrics import hungarian_mapping, per_class_accuracy
+    from graphs import plots
+
+    n_old, names = protocol.n_old, list(protocol.class_names)
+    title = f"{m['protocol']}, seed {m['seed']}"
+    figures: list[tuple[str, str, str]] = []  # (file, heading, what it shows)
+
+    def add(file: str, heading: str, caption: str) -> None:
+        figures.append((file, heading, caption))
+
+    plots.training_curves(run_dir.file("training_curves.png"), histories, f"{title}: training")
+    last = {stage: h[-1] for stage, h in histories.items() if h}
+    add("training_curves.png", "Training curves", "Mean loss per epoch of each stage" + "".join(
+        f"; {stage} ends at loss {h['loss']:.3f}" + (f", batch accuracy {100 * h['accuracy']:.1f} %"
+                                                     if "accuracy" in h else "")
+        for stage, h in last.items()) + ".")
+
+    truth, pred = after["targets"], after["logits"].argmax(1)
+    mapping = hungarian_mapping(truth, pred)
+    mapped = np.array([mapping.get(p, p) for p in pred])
+    plots.confusion_plot(run_dir.file("confusion.png"), truth, mapped, names,
+                         f"{title}: test set after distillation")
+    add("confusion.png", "Confusion matrix after distillation",
+        f"Rows: true class, columns: prediction; each discovered output is shown as the class it "
+        f"was matched to (one Hungarian assignment over the test set). Test accuracy "
+        f"{_pct(m['test']['all'])} % (old {_pct(m['test']['old'])} %, new {_pct(m['test']['new'])} %).")
+
+    old_rows = {"before distillation": per_class_accuracy(before["targets"], before["logits"].argmax(1),
+                                                          range(n_old)),
+                "after distillation": per_class_accuracy(truth, mapped, range(n_old))}
+    plots.per_class_accuracy_plot(run_dir.file("per_class_accuracy.png"), protocol.train_counts,
+                                  {k: v.tolist() for k, v in old_rows.items()}, names[:n_old],
+                                  f"{title}: old classes")
+    rarest = int(np.argmin(protocol.train_counts))
+    add("per_class_accuracy.png", "Per-class accuracy against training count",
+        f"Old classes from head to tail. The rarest ({names[rarest]}, "
+        f"{protocol.train_counts[rarest]} labeled images) goes from "
+        f"{_pct(old_rows['before distillation'][rarest])} % to "
+        f"{_pct(old_rows['after distillation'][rarest])} %.")
+
+    plots.score_histogram(run_dir.file("scores.png"), scores, seen_new,
+                          f"{title}: stream scores (AUROC {m['novelty']['auroc']:.3f})")
+    add("scores.png", "Novelty scores, old against new stream samples",
+        f"AUROC {m['novelty']['auroc']:.3f}; the pool threshold was {m['pool']['threshold']:.4g}.")
+
+    plots.pool_over_stream(run_dir.file("pool.png"), [(0, 0), *trace], trigger, f"{title}: the pool")
+    add("pool.png", "Pool size over the stream",
+        f"{m['pool']['size']} samples pooled (precision {_pct(m['pool']['precision'])} %, recall "
+        f"{_pct(m['pool']['recall'])} %), trigger at {trigger}.")
+
+    if "pool_features" in extras and len(extras["pool_truth"]) >= 3:
+        plots.embedding_plot(run_dir.file("pool_embedding.png"), extras["pool_features"],
+                             extras["pool_truth"], extras["pool_clusters"], names,
+                             f"{title}: pooled samples ({extras['cluster_on']})", method=embedding,
+                             n_old=n_old)
+        add("pool_embedding.png", f"The pool in 2-D ({embedding.upper()})",
+            f"Pooled samples by true class (left) and by cluster (right); pool clustering accuracy "
+            f"{_pct(m['pool_clustering']['all'])} % (new {_pct(m['pool_clustering']['new'])} %).")
+
+    lines = [f"# {title}", "", f"{m['seconds']:.0f} s. Metrics in `metrics.json`, bindings in "
+             "`operative_config.gin`.", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _lifecycle_rows(m)]
+    lines += [f"\n> {note}" for note in m.get("notes", [])]
+    for file, heading, caption in figures:
+        lines += ["", f"## {heading}", "", caption, "", f"![{heading}]({file})"]
+    return run_dir.write_text("report.md", "\n".join(lines) + "\n")
 
 
 def longtail_table(metrics: dict) -> Table:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import CosineAnnealingScheduler
+from ignite.metrics import Average
 from torch import nn
 
 from components.data import ImageSet, image_loader
@@ -43,9 +44,17 @@ def _fit(
     description: str,
     on_first_step: Callable[[], None] | None,
     cosine: bool = True,
+    tracked: tuple[str, ...] = ("loss",),
 ) -> Engine:
     """Cosine learning-rate decay to zero over the run (unless ``cosine=False``), a progress
-    bar, then run."""
+    bar, then run. The epoch means of the ``tracked`` step outputs (Ignite ``Average``
+    metrics) are kept, one dict per epoch, in ``engine.state.history`` (the report's curves)."""
+    for key in tracked:
+        Average(output_transform=lambda out, key=key: out[key]).attach(engine, key)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "history", []))
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        lambda e: e.state.history.append({k: float(e.state.metrics[k]) for k in tracked}))
     if cosine:
         lr = optimizer.param_groups[0]["lr"]
         total = epochs * len(loader)
@@ -127,13 +136,15 @@ def train(
         if contrastive is not None:
             other = model.encode(augment(x))["projected"]
             value = value + contrastive_weight * contrastive(out["projected"], other, y)
-        return _step(opt, value)
+        accuracy = (out["logits"].argmax(1) == y).float().mean().item()
+        return _step(opt, value) | {"accuracy": accuracy}
 
     loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed, epochs=epochs)
     engine = Engine(update)
     _follow_epochs(engine, criterion)
     _follow_epochs(engine, head_loss)
-    return _fit(engine, loader, opt, epochs, f"train {images.name}", on_first_step)
+    return _fit(engine, loader, opt, epochs, f"train {images.name}", on_first_step,
+                tracked=("loss", "accuracy"))
 
 
 def _confidence_loss(model: nn.Module, loss: nn.Module | None, graph: str) -> nn.Module | None:

@@ -253,3 +253,20 @@ def test_quiet_shows_warnings_and_the_table_but_no_progress(tmp_path, capsys):
                  "--gin-bindings", f"FeatureCache.root = '{tmp_path / 'cache'}'"])
     err = capsys.readouterr().err
     assert code == 0 and "model: SmallConvNet" in err and "train digits-7/3" in err
+
+
+def test_report_links_plots_that_exist(tmp_path):
+    import re
+
+    code, run_dir = _run(tmp_path, *SHORT, "train.epochs = 3", "adapt.epochs = 1", "distill.epochs = 2")
+    assert code == 0
+    report = (run_dir / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    expected = {"training_curves.png", "confusion.png", "per_class_accuracy.png", "scores.png", "pool.png",
+                "pool_embedding.png"}
+    assert set(linked) == expected
+    for name in linked:
+        assert (run_dir / name).stat().st_size > 10_000, name  # a real figure, not an empty file
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"| test accuracy, new classes (%) | {100 * metrics['test']['new']:.1f} |" in report
+    assert f"AUROC {metrics['novelty']['auroc']:.3f}" in report
