@@ -136,3 +136,39 @@ def save_checkpoint(run_dir: RunDir, model: nn.Module, engine: Engine, name: str
     checkpoint = Checkpoint({"model": model}, DiskSaver(folder, require_empty=False), filename_prefix=name)
     checkpoint(engine)
     return folder / checkpoint.last_checkpoint
+
+
+@gin.configurable
+def tensorboard(log_dir: str | None = None) -> str | None:
+    """Where the training graphs write TensorBoard logs (Ignite's ``TensorboardLogger``), or
+    ``None`` for none: bind ``tensorboard.log_dir = 'runs/tb'`` and install the ``tb`` extra."""
+    return log_dir
+
+
+@contextlib.contextmanager
+def tensorboard_logging(engine: Engine, tag: str, optimizer=None):
+    """Log every iteration's outputs (and the learning rate) of ``engine`` under ``tag`` to
+    TensorBoard while the block runs, when :func:`tensorboard` names a folder."""
+    log_dir = tensorboard()
+    if log_dir is None:
+        yield
+        return
+    try:
+        from ignite.handlers.tensorboard_logger import (
+            OptimizerParamsHandler,
+            OutputHandler,
+            TensorboardLogger,
+        )
+
+        logger = TensorboardLogger(log_dir=log_dir)
+    except (ImportError, RuntimeError) as error:
+        raise RuntimeError(f"tensorboard.log_dir is set but TensorBoard is not installed ({error}): "
+                           "pip install -e '.[tb]'") from error
+    logger.attach(engine, OutputHandler(tag=tag, output_transform=lambda out: out),
+                  Events.ITERATION_COMPLETED)
+    if optimizer is not None:
+        logger.attach(engine, OptimizerParamsHandler(optimizer, tag=tag), Events.ITERATION_STARTED)
+    try:
+        yield
+    finally:
+        logger.close()

@@ -14,7 +14,7 @@ from ignite.metrics import Average
 from torch import nn
 
 from components.data import ImageSet, image_loader
-from graphs.handlers import progress
+from graphs.handlers import progress, tensorboard_logging
 
 
 def _views(augment: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -64,7 +64,7 @@ def _fit(
         )
     if on_first_step is not None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: on_first_step())
-    with progress(engine, description):
+    with progress(engine, description), tensorboard_logging(engine, description.split()[0], optimizer):
         engine.run(loader, max_epochs=epochs)
     return engine
 

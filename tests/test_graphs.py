@@ -177,3 +177,17 @@ def test_train_with_a_supcon_term_moves_the_projector_too():
     train(model, images, BatchAugment(), CPU, epochs=3, batch_size=16, optimizer=_sgd,
           contrastive=SupConLoss(), contrastive_weight=0.5)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.projector.parameters(), strict=True))
+
+
+def test_training_curves_go_to_tensorboard_when_asked(tmp_path):
+    import gin
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import graphs.handlers  # noqa: F401  (registers tensorboard)
+
+    gin.bind_parameter("tensorboard.log_dir", str(tmp_path / "tb"))
+    engine = train(_net(), _images(48), BatchAugment(), CPU, epochs=2, batch_size=16, optimizer=_sgd)
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    losses = events.Scalars("train/loss")
+    assert len(losses) == engine.state.iteration == 6
+    assert events.Scalars("train/accuracy") and events.Scalars("train/lr/group_0")
