@@ -51,6 +51,7 @@ def lifecycle(
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "features",
     keep_fraction: float = 1.0,
+    embedding: str = "pca",
     seed: int = 0,
 ) -> dict:
     """Run the loop once on ``data()`` and return (and write) its metrics.
@@ -58,6 +59,9 @@ def lifecycle(
     The pool threshold comes from ``pool.threshold`` when given, else from the ``threshold``
     rule on held-out known-class images (``make_protocol.val_per_class``), after temperature
     scaling fitted on the same images when ``temperature_scaling``.
+
+    Writes ``metrics.json`` and ``report.md`` with its plots (``embedding``: ``"pca"`` or
+    ``"tsne"`` for the 2-D view of the pool).
 
     Only the ``keep_fraction`` of each cluster nearest its centroid becomes pseudo-labels for
     distillation (:func:`components.kmeans.confident`); the rest stay in the pool for the next
@@ -68,6 +72,8 @@ def lifecycle(
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    if embedding not in ("pca", "tsne"):
+        raise ValueError(f"embedding must be 'pca' or 'tsne', got {embedding!r}")
     started = time.perf_counter()
     manual_seed(seed)
     device = idist.device()
@@ -161,7 +167,7 @@ def lifecycle(
     run_dir.write_json("metrics.json", metrics)
     histories = {"train": trainer.state.history, **extras.pop("histories", {})}
     write_lifecycle_report(run_dir, metrics, protocol, histories, cached["test"], tested, scores,
-                           seen_new, trace, pool.trigger_size, extras)
+                           seen_new, trace, pool.trigger_size, extras, embedding=embedding)
     return metrics
 
 
