@@ -31,6 +31,10 @@ from graphs.online import online, score_outputs
 from graphs.report import write_lifecycle_report
 from graphs.train import adapt, distill, train
 
+# the pool's clustering metrics when nothing was clustered (empty or refused pool)
+NOTHING_CLUSTERED = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced", "new_balanced",
+                                   "nmi", "ari"), float("nan"))
+
 
 class PoolRefused(Exception):
     """The labeler could not cluster the pool (its message says why); the pool is kept."""
@@ -129,9 +133,7 @@ def lifecycle(
                      f"{threshold:.4g} let none in): nothing to discover, the teacher is reported "
                      "as it is; raise the threshold rule's rate or use another score")
         log.warning(f"[yellow]{notes[-1]}[/]")
-        student, k_new, extras = None, 0, {}
-        pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
-                                       "new_balanced", "nmi", "ari"), float("nan"))
+        student, k_new, extras, pool_clusters = None, 0, {}, dict(NOTHING_CLUSTERED)
     else:
         try:
             student, k_new, pool_clusters, extras = _discover_and_distill(
@@ -141,9 +143,7 @@ def lifecycle(
             notes.append(f"discovery refused the pool ({error}); its {len(pool)} samples stay "
                          "pooled for the next trigger and the teacher is reported as it is")
             log.warning(f"[yellow]{notes[-1]}[/]")
-            student, k_new, extras = None, 0, {}
-            pool_clusters = dict.fromkeys(("all", "old", "new", "all_balanced", "old_balanced",
-                                           "new_balanced", "nmi", "ari"), float("nan"))
+            student, k_new, extras, pool_clusters = None, 0, {}, dict(NOTHING_CLUSTERED)
 
     # 5. evaluate both models on held-out test images
     before = evaluate(cached["test"], protocol.n_old, protocol.train_counts)
