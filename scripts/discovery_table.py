@@ -17,7 +17,8 @@ from pathlib import Path
 from components.seeds import summarize
 
 PROTOCOLS = [("digits", "digits-7/3"), ("fmnist", "fmnist-7/3")]
-FEATURES = [("supervised", "supervised-only"), ("contrastive", "contrastive (GCD)")]
+FEATURES = [("supervised", "supervised-only"), ("contrastive", "contrastive (GCD)"),
+            ("supervised_wide", "supervised-only, 32 wide, 30 epochs")]
 GEOMETRIES = [("as_run", None), ("whitened", "whitened backbone features")]
 
 
