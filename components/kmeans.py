@@ -246,7 +246,7 @@ class SemiSupervisedKMeans:
         x_u, x_l = _check(unlabeled, "unlabeled"), _check(labeled, "labeled")
         if self.whiten and x_l.shape[1] == x_u.shape[1] and len(np.unique(y_l)) == n_old:
             x_u, x_l = whitened(x_u, x_l, y_l, self.whiten_ridge)
-        x_u, x_l = self._prepare(x_u, "unlabeled"), self._prepare(x_l, "labeled")
+        x_u, x_l = self._prepare(x_u), self._prepare(x_l)
         wanted = (self.k_new or 1) * self.overcluster
         if len(x_u) < wanted:
             raise ValueError(
@@ -309,8 +309,8 @@ class SemiSupervisedKMeans:
             out[k] = float(np.mean([mapping.get(p, -1) == t for p, t in zip(labels, y_l[held], strict=True)]))
         return out, dict.fromkeys(out, 0.0)
 
-    def _prepare(self, x: np.ndarray, what: str) -> np.ndarray:
-        x = _check(x, what)
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        """L2-normalized rows when ``normalize`` (``x`` was checked by :func:`_check`)."""
         if self.normalize:
             x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
         return x
