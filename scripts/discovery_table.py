@@ -2,8 +2,8 @@
 
 ``python scripts/discovery_table.py runs/discovery-recluster`` reads
 ``<dir>/<protocol>-<features>-<geometry>/seed*/metrics.json`` and prints one row per protocol,
-features (supervised-only or contrastive) and geometry (as the run clustered, or whitened
-backbone features): mean ± std over the seeds of the stream's clustering accuracy (all / old /
+features (supervised-only or contrastive) and geometry (cosine k-means on what the run clustered,
+or whitened backbone features): mean ± std over the seeds of the stream's clustering accuracy (all / old /
 new, and the class-balanced new), NMI, ARI, assigned-new precision and recall, and the number
 of new classes estimated per seed.
 """
@@ -19,7 +19,7 @@ from components.seeds import summarize
 PROTOCOLS = [("digits", "digits-7/3"), ("fmnist", "fmnist-7/3")]
 FEATURES = [("supervised", "supervised-only"), ("contrastive", "contrastive (GCD)"),
             ("supervised_wide", "supervised-only, 32 wide, 30 epochs")]
-GEOMETRIES = [("as_run", None), ("whitened", "whitened backbone features")]
+GEOMETRIES = [("cosine", None), ("whitened", "whitened backbone features")]
 
 
 def pct(stats: dict) -> str:

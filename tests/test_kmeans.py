@@ -82,7 +82,7 @@ def test_unknown_k_is_estimated_by_silhouette_and_gcd_scores_every_candidate():
     from components.kmeans import SemiSupervisedKMeans
 
     labeled, labeled_y, unlabeled, truth = _anchored_blobs()
-    result = SemiSupervisedKMeans(k_new=None, k_max=6)(unlabeled, labeled, labeled_y, 3)
+    result = SemiSupervisedKMeans(k_new=None, k_max=6, estimate="silhouette")(unlabeled, labeled, labeled_y, 3)
     assert len(result.centroids) - 3 == 2 and set(result.k_scores) == set(range(1, 7))
     assert result.k_estimate == 2 and max(result.k_scores, key=result.k_scores.get) == 2
     assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
@@ -93,6 +93,29 @@ def test_unknown_k_is_estimated_by_silhouette_and_gcd_scores_every_candidate():
     with pytest.raises(ValueError, match="labeled samples to hold out"):
         SemiSupervisedKMeans(k_new=None, estimate="gcd")(unlabeled, labeled[::10], labeled_y[::10], 3)
 
+
+
+def test_probe_classes_score_flat_up_to_the_true_k_then_fall():
+    """DTC's rule: an old class stripped of its anchor must be found again among the unlabeled
+    samples. While k is at most the true number of new classes the probe keeps one cluster;
+    one more free cluster splits it (it is the largest group: its labeled and unlabeled
+    samples), so the estimate is the last k on the plateau."""
+    from components.kmeans import SemiSupervisedKMeans
+
+    rng = np.random.default_rng(0)
+    centers = 10.0 * np.eye(8)[:7]
+    labeled = np.concatenate([centers[c] + 0.3 * rng.standard_normal((20, 8)) for c in range(4)])
+    sizes = [10, 10, 10, 10, 15, 12, 6]  # 4 old classes, 3 new ones of different sizes
+    unlabeled = np.concatenate([centers[c] + 0.3 * rng.standard_normal((n, 8)) for c, n in enumerate(sizes)])
+    args = unlabeled.astype(np.float32), labeled.astype(np.float32), np.repeat(np.arange(4), 20), 4
+    result = SemiSupervisedKMeans(k_new=None, k_max=5, estimate="probe", normalize=False)(*args)
+    assert [result.k_scores[k] for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert result.k_scores[4] < 0.9 and result.k_scores[5] < 0.9
+    assert result.k_estimate == 3 and len(result.centroids) == 4 + 3
+    truth = np.repeat(np.arange(7), sizes)
+    assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2 old classes"):
+        SemiSupervisedKMeans(k_new=None, estimate="probe")(args[0], args[1][:20], args[2][:20], 1)
 
 def test_overclustering_and_confident_pseudo_labels():
     from components.kmeans import SemiSupervisedKMeans, confident
