@@ -252,10 +252,8 @@ class SemiSupervisedKMeans:
         self, unlabeled: np.ndarray, labeled: np.ndarray, labeled_targets: np.ndarray, n_old: int
     ) -> KMeansResult:
         y_l = np.asarray(labeled_targets, dtype=np.int64)
-        x_u, x_l = _check(unlabeled, "unlabeled"), _check(labeled, "labeled")
-        if self.whiten and x_l.shape[1] == x_u.shape[1] and len(np.unique(y_l)) == n_old:
-            x_u, x_l = whitened(x_u, x_l, y_l, self.whiten_ridge)
-        x_u, x_l = self._prepare(x_u), self._prepare(x_l)
+        raw_u, raw_l = _check(unlabeled, "unlabeled"), _check(labeled, "labeled")
+        x_u, x_l = self._geometry(raw_u, raw_l, y_l, n_old)
         wanted = (self.k_new or 1) * self.overcluster
         if len(x_u) < wanted:
             raise ValueError(
@@ -269,7 +267,10 @@ class SemiSupervisedKMeans:
             raise ValueError(f"feature widths differ: labeled {x_l.shape[1]}, unlabeled {x_u.shape[1]}")
         if self.k_new is not None:
             return self._fit(x_u, x_l, y_l, n_old, self.k_new * self.overcluster)
-        scores, errors = self._scores(x_u, x_l, y_l, n_old)
+        if self.estimate == "probe":  # each probe gets its own geometry (it may be whitened)
+            scores, errors = self._probe_scores(raw_u, raw_l, y_l, n_old)
+        else:
+            scores, errors = self._scores(x_u, x_l, y_l, n_old)
         top = max(scores, key=lambda k: (scores[k], -k))
         near = [k for k in scores if scores[k] >= scores[top] - errors[top]]
         best = max(near) if self.estimate == "probe" else min(near)
@@ -285,7 +286,7 @@ class SemiSupervisedKMeans:
     def _scores(self, x_u, x_l, y_l, n_old: int) -> tuple[dict[int, float], dict[int, float]]:
         """Score every candidate number of new classes (higher is better), with the standard
         error of each score (0 for GCD's rule, whose ties go to the smallest k)."""
-        candidates = range(1, min(self.k_max, len(x_u) - 1) + 1)
+        candidates = self._candidates(len(x_u))
         if self.estimate == "silhouette":
             from sklearn.metrics import silhouette_samples
 
@@ -301,8 +302,6 @@ class SemiSupervisedKMeans:
                 out[k] = float(values.mean())
                 errors[k] = float(values.std() / np.sqrt(len(values)))
             return out, errors
-        if self.estimate == "probe":
-            return self._probe_scores(x_u, x_l, y_l, n_old, candidates)
         # GCD: a stratified share of the labeled samples joins the unlabeled ones
         rng = np.random.default_rng(self.seed)
         held = np.concatenate([np.array([], dtype=np.int64)] + [
@@ -321,19 +320,34 @@ class SemiSupervisedKMeans:
             out[k] = float(np.mean([mapping.get(p, -1) == t for p, t in zip(labels, y_l[held], strict=True)]))
         return out, dict.fromkeys(out, 0.0)
 
-    def _probe_scores(self, x_u, x_l, y_l, n_old: int, candidates) -> tuple[dict[int, float], dict[int, float]]:
-        """DTC's probe-class scores of every candidate k, and their standard errors over probes."""
+    def _candidates(self, n_unlabeled: int) -> range:
+        return range(1, min(self.k_max, n_unlabeled - 1) + 1)
+
+    def _geometry(self, x_u, x_l, y_l, n_old: int) -> tuple[np.ndarray, np.ndarray]:
+        """The features k-means sees: whitened by the labeled classes (``whiten``), then
+        L2-normalized (``normalize``)."""
+        if self.whiten and x_l.shape[1] == x_u.shape[1] and len(np.unique(y_l)) == n_old:
+            x_u, x_l = whitened(x_u, x_l, y_l, self.whiten_ridge)
+        return self._prepare(x_u), self._prepare(x_l)
+
+    def _probe_scores(self, raw_u, raw_l, y_l, n_old: int) -> tuple[dict[int, float], dict[int, float]]:
+        """DTC's probe-class scores of every candidate k, and their standard errors over probes.
+        The probe class is hidden from all the labeled data defines: its anchor, and its share of
+        the whitening covariance (whitened with it, a class looks like the isotropic blob k-means
+        splits last, and the score never falls)."""
         probes = [c for c in range(n_old) if np.count_nonzero(y_l == c) >= 2]
         if n_old < 2 or not probes:
             raise ValueError("k_new=None with estimate='probe' needs at least 2 old classes, one with "
                              "2 or more labeled samples, to probe with: give labeled samples, or a k_new")
+        candidates = self._candidates(len(raw_u))
         table = np.zeros((len(probes), len(candidates)))
         for i, c in enumerate(probes):
             probe, anchored = y_l == c, y_l != c
             y_anchored = y_l[anchored] - (y_l[anchored] > c)  # old classes renumbered 0..n_old-2
-            x_mix = np.concatenate([x_u, x_l[probe]])
+            x_mix, x_anchored = self._geometry(np.concatenate([raw_u, raw_l[probe]]), raw_l[anchored],
+                                               y_anchored, n_old - 1)
             for j, k in enumerate(candidates):
-                labels = self._fit(x_mix, x_l[anchored], y_anchored, n_old - 1, k + 1).labels[len(x_u):]
+                labels = self._fit(x_mix, x_anchored, y_anchored, n_old - 1, k + 1).labels[len(raw_u):]
                 table[i, j] = np.bincount(labels).max() / len(labels)
         error = table.std(0) / np.sqrt(len(probes))
         return ({k: float(v) for k, v in zip(candidates, table.mean(0), strict=True)},

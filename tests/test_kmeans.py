@@ -108,12 +108,14 @@ def test_probe_classes_score_flat_up_to_the_true_k_then_fall():
     sizes = [10, 10, 10, 10, 15, 12, 6]  # 4 old classes, 3 new ones of different sizes
     unlabeled = np.concatenate([centers[c] + 0.3 * rng.standard_normal((n, 8)) for c, n in enumerate(sizes)])
     args = unlabeled.astype(np.float32), labeled.astype(np.float32), np.repeat(np.arange(4), 20), 4
-    result = SemiSupervisedKMeans(k_new=None, k_max=5, estimate="probe", normalize=False)(*args)
-    assert [result.k_scores[k] for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
-    assert result.k_scores[4] < 0.9 and result.k_scores[5] < 0.9
-    assert result.k_estimate == 3 and len(result.centroids) == 4 + 3
     truth = np.repeat(np.arange(7), sizes)
-    assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
+    for whiten in (False, True):  # whitened, each probe is whitened without its own class
+        result = SemiSupervisedKMeans(k_new=None, k_max=5, estimate="probe", normalize=False,
+                                      whiten=whiten)(*args)
+        assert [result.k_scores[k] for k in (1, 2, 3)] == [1.0, 1.0, 1.0]
+        assert result.k_scores[4] < 0.9 and result.k_scores[5] < 0.9
+        assert result.k_estimate == 3 and len(result.centroids) == 4 + 3
+        assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="at least 2 old classes"):
         SemiSupervisedKMeans(k_new=None, estimate="probe")(args[0], args[1][:20], args[2][:20], 1)
 
