@@ -187,7 +187,8 @@ class SemiSupervisedKMeans:
     centroid. The best of ``n_init`` seeded runs (lowest inertia) is kept; results are
     deterministic in ``seed``. Restarts matter: on fmnist-7/3 features single runs land in
     local optima whose new-class accuracy ranges from 45 % to 84 %, and the lowest inertia
-    picks the best of them, so the default is 10 (with 3, seed-to-seed swings reached 35 points). ``normalize`` L2-normalizes features first (cosine geometry).
+    picks the best of them, so the default is 10 (with 3, seed-to-seed swings reached 35 points).
+    ``normalize`` L2-normalizes features first (cosine geometry).
     No cluster size is assumed: new classes may be long-tailed too.
 
     ``k_new=None`` estimates the number of new classes in ``1 .. k_max`` (the candidates are

@@ -82,7 +82,8 @@ def test_unknown_k_is_estimated_by_silhouette_and_gcd_scores_every_candidate():
     from components.kmeans import SemiSupervisedKMeans
 
     labeled, labeled_y, unlabeled, truth = _anchored_blobs()
-    result = SemiSupervisedKMeans(k_new=None, k_max=6, estimate="silhouette")(unlabeled, labeled, labeled_y, 3)
+    silhouette = SemiSupervisedKMeans(k_new=None, k_max=6, estimate="silhouette")
+    result = silhouette(unlabeled, labeled, labeled_y, 3)
     assert len(result.centroids) - 3 == 2 and set(result.k_scores) == set(range(1, 7))
     assert result.k_estimate == 2 and max(result.k_scores, key=result.k_scores.get) == 2
     assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
