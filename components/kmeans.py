@@ -202,13 +202,13 @@ class SemiSupervisedKMeans:
     * ``estimate="gcd"``: GCD's rule (Vaze et al., CVPR 2022, §4): a stratified ``held_out``
       share of the labeled samples is clustered as if unlabeled, and the k with the best
       Hungarian accuracy on them wins (ties: the smallest k);
-    * ``estimate="probe"`` (default): DTC's probe classes (Han et al., ICCV 2019, §3.3): each old class in
-      turn loses its anchor and its labeled samples join the unlabeled ones, so it must be
-      discovered like a new class, with ``k + 1`` free clusters. A candidate's score is the mean
-      over probes of the share of the probe's labeled samples in its largest cluster. Too few
-      clusters do not hurt the probe (new classes merge elsewhere), too many split it, so the
-      score plateaus up to the true k and then falls: the *largest* k within one standard error
-      (over probes) of the best wins.
+    * ``estimate="probe"`` (default): DTC's probe classes (Han et al., ICCV 2019, §3.3): each
+      old class in turn loses its anchor (and, with ``whiten``, its share of the covariance) and
+      its labeled samples join the unlabeled ones, so it must be discovered like a new class,
+      with ``k + 1`` free clusters. A candidate's score is the mean over probes of the share of
+      the probe's labeled samples in its largest cluster. Too few clusters do not hurt the probe
+      (new classes merge elsewhere), too many split it, so the score plateaus up to the true k
+      and then falls: the *largest* k within one standard error (over probes) of the best wins.
 
     ``overcluster=m`` makes ``m`` times as many new clusters (each a pseudo-class of its own).
 
