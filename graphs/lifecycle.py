@@ -161,6 +161,7 @@ def lifecycle(
         "notes": notes,
         "pool_clustering": pool_clusters,
         "k_new": k_new,
+        "k_scores": extras.pop("k_scores", {}),  # each candidate's score when k_new was estimated
         "seconds": time.perf_counter() - started,
     }
     run_dir.save_operative_config()
@@ -233,5 +234,6 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     save_checkpoint(run_dir, student, distiller, "student")
     histories["distill"] = distiller.state.history
     extras = {"histories": histories, "pool_features": cached_pool[cluster_on], "pool_truth": pool_truth,
-              "pool_clusters": result.labels, "cluster_on": cluster_on}
+              "pool_clusters": result.labels, "cluster_on": cluster_on,
+              "k_scores": {str(k): v for k, v in (result.k_scores or {}).items()}}
     return student, k_new, pool_clusters, extras

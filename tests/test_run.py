@@ -80,6 +80,7 @@ def test_whole_loop_on_digits(tmp_path):
     assert code == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["protocol"] == "digits-7/3" and metrics["k_new"] == 3
+    assert metrics["k_scores"] == {}  # k_new was given, nothing was estimated
     for group in ("all", "old", "new"):
         assert 0.0 <= metrics["test"][group] <= 1.0
     # Fifteen short epochs of a small convnet on the long-tailed old classes beat chance by far.
