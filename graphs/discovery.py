@@ -22,7 +22,6 @@ from pathlib import Path
 
 import gin
 import ignite.distributed as idist
-import numpy as np
 import torch
 from ignite.handlers import Checkpoint
 from ignite.utils import manual_seed
@@ -30,20 +29,10 @@ from torch import nn
 
 from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData
-from components.metrics import clustering_accuracy
+from components.metrics import clustering_accuracy, pool_quality
 from graphs.encode import encode
 from graphs.handlers import RunDir, describe, log, save_checkpoint
 from graphs.train import train
-
-
-def assigned_new(truth: np.ndarray, labels: np.ndarray, n_old: int) -> dict[str, float]:
-    """Precision and recall of "this sample is new" read off the clusters: a sample is
-    assigned new when its cluster is not one of the ``n_old`` labeled ones."""
-    is_new, put_new = np.asarray(truth) >= n_old, np.asarray(labels) >= n_old
-    return {
-        "precision": float(is_new[put_new].mean()) if put_new.any() else float("nan"),
-        "recall": float(put_new[is_new].mean()) if is_new.any() else float("nan"),
-    }
 
 
 @gin.configurable(denylist=["run_dir"])
@@ -114,7 +103,8 @@ def _cluster_and_measure(net, protocol, augment, cache, device, labeler, estimat
         "protocol": protocol.name,
         "seed": seed,
         "stream": clustering_accuracy(truth, result.labels, truth < protocol.n_old),
-        "assigned_new": assigned_new(truth, result.labels, protocol.n_old),
+        # assigned-new precision / recall: "put in a new cluster" read as a pool of the new
+        "assigned_new": pool_quality(result.labels >= protocol.n_old, truth >= protocol.n_old),
         "k_new": int(len(result.centroids) - protocol.n_old),
         "k_new_true": protocol.n_new,
         "k_estimated": estimate.k_estimate,

@@ -15,8 +15,9 @@ one() {
   out=$OUT/$name-$geometry/$seed
   [ -f "$out/metrics.json" ] && exit 0
   # the runs' operative configs carry the labeler they ran with; re-cluster with today's
-  # gin/discovery/base.gin settings (10 restarts, DTC's probe-class k estimate with 3)
-  extra=(--gin-bindings 'SemiSupervisedKMeans.n_init = 10' --gin-bindings 'estimate/SemiSupervisedKMeans.n_init = 3'
+  # gin/discovery/base.gin settings (N_INIT=10 restarts, DTC's probe-class k estimate with 3)
+  extra=(--gin-bindings "SemiSupervisedKMeans.n_init = ${N_INIT:-10}"
+         --gin-bindings 'estimate/SemiSupervisedKMeans.n_init = 3'
          --gin-bindings "estimate/SemiSupervisedKMeans.estimate = 'probe'")
   if [ "$geometry" = whitened ]; then
     extra+=(--gin-bindings "recluster_run.cluster_on = 'features'")
@@ -32,6 +33,6 @@ one() {
     --gin-bindings "FeatureCache.root = '${CACHE:-cache}'" "${extra[@]}" --run-dir "$out" > /dev/null 2>&1
 }
 export -f one
-export OUT CACHE
+export OUT CACHE N_INIT
 for run in "$ROOT"/*/seed*; do for g in cosine whitened; do echo "$run $g"; done; done |
   xargs -P "${LANES:-2}" -L 1 bash -c 'one $0 $1'
