@@ -18,6 +18,7 @@ import gin
 
 import components  # noqa: F401  (registers the components)
 import graphs  # noqa: F401  (registers the graphs)
+from components.gin_files import add_search_paths, gin_dir, locate, search_paths
 from graphs.handlers import RunDir, console, setup_logging
 from graphs.report import show_metrics
 
@@ -35,13 +36,24 @@ def run(run_dir: RunDir, graph: Callable[..., dict] = gin.REQUIRED) -> dict:
 
 
 def parse_config(files: Sequence[str], bindings: Sequence[str]) -> None:
-    """Parse gin files and bindings, turning every gin complaint into a ConfigError."""
+    """Parse gin files and bindings, turning every gin complaint into a ConfigError.
+
+    A relative path is looked up in the working directory first, then among the shipped
+    experiment files (``components.gin_files``), so ``gin/distill.gin`` and ``distill.gin``
+    work from any folder.
+    """
     gin.clear_config()
+    add_search_paths()
+    located = []
     for file in files:
-        if not Path(file).is_file():
-            raise ConfigError(f"gin file {file!r} not found (looked in {Path(file).resolve()})")
+        path = locate(file)
+        if path is None:
+            looked = ", ".join(str(prefix / file) for prefix in search_paths())
+            raise ConfigError(f"gin file {file!r} not found (looked for {looked}); "
+                              "`python -m components.run --list-gin` lists the shipped ones")
+        located.append(str(path))
     try:
-        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+        gin.parse_config_files_and_bindings(located, list(bindings), finalize_config=False)
     except (ValueError, TypeError, KeyError, SyntaxError, OSError, NameError) as error:
         where = f"binding {bindings!r}" if bindings else f"file(s) {', '.join(files)}"
         raise ConfigError(f"{where}: {error}") from None
@@ -92,25 +104,36 @@ def print_configurables() -> None:
         print(f"{name}(" + ", ".join(f"{p}={d}" for p, d in params) + ")")
 
 
+def gin_files() -> list[tuple[str, str]]:
+    """Every shipped experiment file as ``(gin/<path>, the first line of its leading comment)``."""
+    root = gin_dir()
+    out = []
+    for path in sorted(root.rglob("*.gin")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines()
+                      if line.startswith("#")), "")
+        out.append((f"gin/{path.relative_to(root).as_posix()}", first))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m components.run",
-        description="Run an experiment described by gin files (see gin/ and README.md).",
+        description="Run an experiment described by gin files: python -m components.run --gin distill.gin",
+        epilog="Gin files are found in the working directory first, then among the shipped ones "
+               "(gin/...; see --list-gin). Every option, gin file and binding is explained in "
+               "docs/configuration.md.",
     )
-    parser.add_argument("--list", action="store_true",
-                        help="print every configurable with its parameters and defaults, then exit")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the config the gin files and bindings resolve to, without running")
-    parser.add_argument("--gin", action="append", metavar="FILE",
-                        help="gin file to parse; repeat to compose several")
-    parser.add_argument("--gin-bindings", action="append", default=[], metavar="BINDING",
-                        help="extra binding, e.g. 'SamplePool.trigger_size = 200'; repeatable")
+    add = parser.add_argument
+    add("--gin", action="append", metavar="FILE", help="gin file to run; repeat to compose several")
+    add("--gin-bindings", action="append", default=[], metavar="B",
+        help="one more binding, e.g. 'SEED = 1'; repeatable")
+    add("--run-dir", default=None, metavar="DIR", help="output folder (default runs/<gin name>-<time>)")
+    add("--print-config", action="store_true", help="print the resolved bindings and exit")
+    add("--list", action="store_true", help="list every configurable and its defaults, exit")
+    add("--list-gin", action="store_true", help="list the shipped gin files, exit")
     loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("--quiet", action="store_true", help="warnings and the final table only")
+    loudness.add_argument("--quiet", action="store_true", help="only warnings and the final table")
     loudness.add_argument("--verbose", action="store_true", help="debug messages too")
-    parser.add_argument("--run-dir", default=None,
-                        help="where metrics, checkpoints and the operative config go "
-                             "(default runs/<gin name>-<time>)")
     return parser
 
 
@@ -120,8 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print_configurables()
         return 0
+    if args.list_gin:
+        for name, what in gin_files():
+            print(f"{name:40s} {what}")
+        return 0
     if not args.gin:
-        parser.error("--gin FILE is required (or --list)")
+        parser.error("--gin FILE is required (or --list, --list-gin); try --gin distill.gin")
     setup_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     try:
         parse_config(args.gin, args.gin_bindings)

@@ -81,13 +81,17 @@ def _fmt(name: str, value: float) -> str:
     return f"{value:.3f}" if any(k in name for k in fractions) else f"{100 * value:.1f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m components.seeds", description=__doc__)
     parser.add_argument("--gin", action="append", required=True, metavar="FILE")
     parser.add_argument("--gin-bindings", action="append", default=[], metavar="BINDING")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/seeds", help="folder for the per-seed runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     runs = []
     for seed in args.seeds:
         run_dir = Path(args.out) / f"seed{seed}"
