@@ -13,7 +13,7 @@ Two forms, one convention:
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Mapping
 
 import gin
@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from components.losses import evidence_of
+
+log = logging.getLogger(__name__)
 
 Outputs = Mapping[str, torch.Tensor | np.ndarray] | torch.Tensor
 
@@ -178,8 +180,8 @@ class KNNDistance(Score):
     with faiss's inverted file (``IndexIVFFlat``: the bank is split into ``L`` k-means cells and
     each query visits its ``nprobe`` nearest cells), which trades a little accuracy of the
     distance for several times the speed on long streams (see ``bench/scoring.py``). A bank
-    smaller than ``39 · L`` (faiss's minimum for training the cells) is searched exactly, with a
-    warning: its cells would hold too few neighbours, and exact search of it is fast anyway.
+    smaller than ``39 · L`` (faiss's minimum for training the cells) is searched exactly, with an
+    info line: its cells would hold too few neighbours, and exact search of it is fast anyway.
     """
 
     name = "knn"
@@ -203,9 +205,8 @@ class KNNDistance(Score):
         features = _unit_rows(features)
         dim = features.shape[1]
         if self.nlist is not None and len(features) < 39 * self.nlist:
-            warnings.warn(f"kNN: {len(features)} training features are too few for {self.nlist} "
-                          f"IVF cells (faiss wants {39 * self.nlist}); searching them exactly",
-                          stacklevel=2)
+            log.info(f"kNN: {len(features)} training features are too few for {self.nlist} IVF "
+                     f"cells (faiss wants {39 * self.nlist}), so they are searched exactly")
         if self.nlist is None or len(features) < 39 * self.nlist:
             self.index = faiss.IndexFlatL2(dim)
         else:

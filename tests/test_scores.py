@@ -3,6 +3,7 @@ computed by hand or by brute force."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -196,7 +197,7 @@ def test_threshold_rules_call_the_functions_and_say_what_they_need():
         FalseAlarmRate(1.5)
 
 
-def test_ivf_knn_searching_every_cell_is_the_exact_knn():
+def test_ivf_knn_searching_every_cell_is_the_exact_knn(caplog):
     """With nprobe = nlist the inverted file visits the whole bank: exactly the flat search."""
     g = torch.Generator().manual_seed(0)
     train = torch.randn(400, 8, generator=g) + 3 * torch.randn(8, 8, generator=g)[torch.arange(400) % 8]
@@ -211,8 +212,10 @@ def test_ivf_knn_searching_every_cell_is_the_exact_knn():
     assert KNNDistance(k=5, nlist=4).name == "knn-k5-ivf4"
     with pytest.raises(ValueError, match="nprobe"):
         KNNDistance(k=5, nlist=4, nprobe=8)
-    with pytest.warns(UserWarning, match="searching them exactly"):  # 400 < 39 * 16
-        small = KNNDistance(k=5, nlist=16, nprobe=1).fit(bank)
+    with caplog.at_level(logging.INFO, logger="components"):
+        small = KNNDistance(k=5, nlist=16, nprobe=1).fit(bank)  # 400 < 39 * 16
+    assert "searched exactly" in caplog.text
+    assert type(small.index).__name__ == "IndexFlatL2"
     assert torch.allclose(small(stream), exact)
 
 

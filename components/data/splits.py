@@ -1,6 +1,6 @@
 """Long-tail subsampling and the novel-class protocol (labeled set, unlabeled stream, test).
 
-The exact rules are in DESIGN.md ("Definitions to keep exact", "Split rule"):
+The exact rules are in docs/definitions.md ("Long-tail counts", "The split rule"):
 
 * ``exp``:  ``n_i = int(n_max * (1 / ratio) ** (i / (C - 1)))`` for class rank ``i``;
 * ``step``: the first ``C // 2`` classes keep ``n_max``, the rest get ``int(n_max / ratio)``;
@@ -12,6 +12,7 @@ The exact rules are in DESIGN.md ("Definitions to keep exact", "Split rule"):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from components.data.sources import ImageSet
+
+log = logging.getLogger(__name__)
 
 # CIFAR-100 fine class id -> superclass id (the dataset's "coarse" labels).
 CIFAR100_COARSE = [
@@ -38,7 +41,7 @@ CIFAR100_SUPERCLASSES = [
 
 
 def long_tail_counts(num_classes: int, n_max: int, ratio: float, profile: str = "exp") -> list[int]:
-    """Images kept per class rank under the ``exp`` or ``step`` profile (DESIGN.md)."""
+    """Images kept per class rank under the ``exp`` or ``step`` profile (docs/definitions.md)."""
     if ratio < 1:
         raise ValueError(f"imbalance ratio must be >= 1 (n_max / n_min), got {ratio}")
     if num_classes < 1 or n_max < 1:
@@ -99,7 +102,7 @@ def make_protocol(
     val_partial: bool = False,
     source_sets: tuple[ImageSet, ImageSet] | None = None,
 ) -> ProtocolData:
-    """Build the labeled set, the stream and the test set by the split rule of DESIGN.md.
+    """Build the labeled set, the stream and the test set by the split rule of docs/definitions.md.
 
     ``source`` returns ``(train, test)``. ``halve=False`` labels the whole training set
     (long-tailed) and leaves the stream empty (the ``fmnist-lt`` protocol). ``n_max`` defaults
@@ -110,8 +113,9 @@ def make_protocol(
     balanced validation set was drawn from what the subsampling left); it never overlaps the
     labeled set, the stream or the test set. A class with fewer spare images is an error, unless
     ``val_partial=True``: then it gives what it has (the head class of a profile whose ``n_max``
-    is the whole first half has none) and a warning names it. That suits a held-out set for the
-    pool threshold, which needs known-class samples, not an exact balance.
+    is the whole first half has none) and one info line names it, since it is expected. That
+    suits a held-out set for the pool threshold, which needs known-class samples, not an exact
+    balance.
     """
     train, test = source_sets if source_sets is not None else source()
     all_classes = sorted(int(c) for c in torch.unique(train.targets))
@@ -163,12 +167,14 @@ def make_protocol(
                 f"long-tail subsampling: {short}; lower val_per_class or n_max, or pass "
                 "val_partial=True to take what is left"
             )
-        if short:
-            warnings.warn(f"validation split: these classes have fewer than {val_per_class} spare "
-                          f"images and give what they have: {short}", stacklevel=2)
         if sum(min(len(v), val_per_class) for v in spare.values()) == 0:
             raise ValueError("no old class has an image left for the validation split: lower n_max")
         val_index = np.concatenate([spare[c][:val_per_class] for c in old])
+        if short:  # expected: the head class keeps its whole first half; val_partial asked for this
+            given = len(set(int(t) for t in targets[val_index]))
+            log.info(f"held-out known-class images: {len(val_index)} from {given} of the {len(old)} "
+                     f"old classes (up to {val_per_class} each); after the long-tail subsampling "
+                     + ", ".join(f"class {k!r} has {v} left" for k, v in short.items()))
         val = remapped(train.subset(val_index, f"{name}/val"))
     stream_index = np.concatenate([second[c] for c in all_classes]) if halve else np.array([], int)
     stream_index = rng.permutation(stream_index)
