@@ -1,4 +1,4 @@
-"""Metrics with the exact definitions of DESIGN.md.
+"""Metrics with the exact definitions of docs/definitions.md.
 
 * clustering accuracy: one Hungarian assignment over all evaluated samples, then accuracy on
   the old subset, the new subset and all; a class-balanced variant; NMI and ARI beside it;

@@ -1,7 +1,7 @@
 """Drive the library's graphs from Python, without gin files: build the pieces in code and
 call the train, encode and online graphs (Ignite engines underneath) yourself.
 
-On digits-7/3 (DESIGN.md): train a small convnet on the long-tailed old digits, cache its
+On digits-7/3 (docs/definitions.md): train a small convnet on the long-tailed old digits, cache its
 outputs in HDF5, fit temperature scaling and a 5 % false-alarm threshold on held-out digits,
 then let the online graph fill the sample pool from the stream with the energy score.
 

@@ -24,7 +24,8 @@ def _save(fig, path: Path) -> Path:
 def per_class_accuracy_plot(path: Path, train_counts: Sequence[int], rows: Mapping[str, Sequence[float]],
                             class_names: Sequence[str], title: str) -> Path:
     """Test accuracy of each class against its number of training images (log scale), one
-    series per method; the dotted lines mark DESIGN.md's few / medium / many-shot bounds."""
+    series per method; the dotted lines mark the few / medium / many-shot bounds
+    (docs/definitions.md)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     order = sorted(range(len(train_counts)), key=lambda c: -train_counts[c])
     counts = [train_counts[c] for c in order]

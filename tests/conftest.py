@@ -11,7 +11,7 @@ import torch
 
 @pytest.fixture(autouse=True)
 def clear_gin():
-    """Bindings parsed by one test must never leak into the next (DESIGN.md, "Gin files")."""
+    """Bindings parsed by one test must never leak into the next (docs/configuration.md, "Conventions")."""
     yield
     gin.clear_config()
 
