@@ -81,10 +81,23 @@ class ProtocolData:
     train_counts: list[int]  # labeled images per old class
     name: str = "protocol"
     val: ImageSet | None = None  # balanced held-out images of the old classes, if asked for
+    # phases[0] = the old class ids, phases[p] = the ids first seen in stream segment p
+    phases: list[list[int]] = dataclasses.field(default_factory=list)
+    segment_ends: list[int] = dataclasses.field(default_factory=list)  # stream end of each segment
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            self.phases = [list(range(self.n_old)), list(range(self.n_old, self.num_classes))]
+        if not self.segment_ends:
+            self.segment_ends = [len(self.stream)]
 
     @property
     def num_classes(self) -> int:
         return self.n_old + self.n_new
+
+    def phase_of(self, class_id: int) -> int:
+        """The phase a (remapped) class belongs to: 0 for the old classes."""
+        return next(p for p, ids in enumerate(self.phases) if class_id in ids)
 
 
 @gin.configurable(denylist=["source_sets"])
@@ -100,6 +113,9 @@ def make_protocol(
     name: str = "protocol",
     val_per_class: int = 0,
     val_partial: bool = False,
+    phases: Sequence[Sequence[int]] | None = None,
+    distractor_fraction: float = 0.0,
+    distractors: Callable[[int, Sequence[int], np.random.Generator], torch.Tensor] | None = None,
     source_sets: tuple[ImageSet, ImageSet] | None = None,
 ) -> ProtocolData:
     """Build the labeled set, the stream and the test set by the split rule of docs/definitions.md.
@@ -116,14 +132,32 @@ def make_protocol(
     is the whole first half has none) and one info line names it, since it is expected. That
     suits a held-out set for the pool threshold, which needs known-class samples, not an exact
     balance.
+
+    **Phased streams** (the continual loop). ``phases = [old, P1, P2, ...]`` lists class ids:
+    ``old`` (in long-tail rank order, head first) is labeled as above; the classes of phase
+    ``p >= 1`` first appear in stream segment ``p``. The stream is segments ``1..P`` in order. A
+    class's stream images (its second half, shuffled by the seed) are divided evenly
+    (``np.array_split``) over the segments from its phase on (old classes: all segments), so
+    old classes keep appearing; each segment is shuffled by the seed. Classes in no phase are
+    left out (test included). ``ProtocolData.segment_ends`` holds where each segment ends.
+
+    **Distractors** (``distractor_fraction = f``): images of no class, target ``-1``, made by
+    ``distractors`` (default :class:`~components.data.distractors.Distractors`: noise, blank
+    and saturated frames, another dataset's images), ``round(f · n / (1 - f))`` of them in a
+    segment of ``n`` class images, so they are a share ``f`` of every segment.
     """
+    if not 0 <= distractor_fraction < 1:
+        raise ValueError(f"distractor_fraction must be in [0, 1), got {distractor_fraction}")
     train, test = source_sets if source_sets is not None else source()
     all_classes = sorted(int(c) for c in torch.unique(train.targets))
-    new = sorted(set(int(c) for c in new_classes) | set(superclass_members(new_superclasses)))
-    unknown = [c for c in new if c not in all_classes]
-    if unknown:
-        raise ValueError(f"new classes {unknown} do not occur in {train.name} (has {all_classes})")
-    old = [c for c in all_classes if c not in new]
+    if phases is not None:
+        old, new = _phase_classes(phases, new_classes, new_superclasses, all_classes, train.name)
+    else:
+        new = sorted(set(int(c) for c in new_classes) | set(superclass_members(new_superclasses)))
+        unknown = [c for c in new if c not in all_classes]
+        if unknown:
+            raise ValueError(f"new classes {unknown} do not occur in {train.name} (has {all_classes})")
+        old = [c for c in all_classes if c not in new]
     if not old:
         raise ValueError("every class is new: keep at least one old (labeled) class")
 
@@ -176,12 +210,24 @@ def make_protocol(
                      f"old classes (up to {val_per_class} each); after the long-tail subsampling "
                      + ", ".join(f"class {k!r} has {v} left" for k, v in short.items()))
         val = remapped(train.subset(val_index, f"{name}/val"))
-    stream_index = np.concatenate([second[c] for c in all_classes]) if halve else np.array([], int)
-    stream_index = rng.permutation(stream_index)
+    phase_ids = [list(range(len(old)))]
+    if phases is None and distractor_fraction == 0:
+        stream_index = np.concatenate([second[c] for c in all_classes]) if halve else np.array([], int)
+        stream_index = rng.permutation(stream_index)
+        stream = remapped(train.subset(stream_index, f"{name}/stream"))
+        phase_ids.append(list(range(len(old), len(order))))
+        segment_ends = [len(stream)]
+    else:
+        if not halve:
+            raise ValueError("a phased stream or distractors need a stream: keep halve=True")
+        phase_lists = [list(old), list(new)] if phases is None else [[int(c) for c in p] for p in phases]
+        phase_ids += [[order.index(c) for c in p] for p in phase_lists[1:]]
+        stream, segment_ends = _segments(train, second, phase_lists, remap, distractor_fraction,
+                                         distractors, rng, names, f"{name}/stream")
     keep_test = torch.isin(test.targets, torch.tensor(order))
     return ProtocolData(
         labeled=remapped(train.subset(labeled_index, f"{name}/labeled")),
-        stream=remapped(train.subset(stream_index, f"{name}/stream")),
+        stream=stream,
         test=remapped(test.subset(torch.nonzero(keep_test).squeeze(1), f"{name}/test")),
         class_names=names,
         n_old=len(old),
@@ -189,4 +235,53 @@ def make_protocol(
         train_counts=counts,
         name=name,
         val=val,
+        phases=phase_ids,
+        segment_ends=segment_ends,
     )
+
+
+def _phase_classes(phases, new_classes, new_superclasses, all_classes: list[int],
+                   source: str) -> tuple[list[int], list[int]]:
+    """The old classes (phase 0, in the order given) and the new ones (phases 1.., in order)."""
+    if list(new_classes) or list(new_superclasses):
+        raise ValueError("give either make_protocol.phases or new_classes / new_superclasses, not both "
+                         "(phases already says which classes are new)")
+    lists = [[int(c) for c in p] for p in phases]
+    if len(lists) < 2 or not all(lists):
+        raise ValueError(f"phases must be [old, P1, ...] with at least one phase of new classes and no "
+                         f"empty phase, got {lists}")
+    flat = [c for p in lists for c in p]
+    repeated = sorted({c for c in flat if flat.count(c) > 1})
+    if repeated:
+        raise ValueError(f"classes {repeated} are in more than one phase: each class has one phase")
+    unknown = [c for c in flat if c not in all_classes]
+    if unknown:
+        raise ValueError(f"phase classes {unknown} do not occur in {source} (has {all_classes})")
+    return lists[0], flat[len(lists[0]):]
+
+
+def _segments(train: ImageSet, second: dict[int, np.ndarray], phase_lists: list[list[int]],
+              remap: torch.Tensor, fraction: float, distractors, rng: np.random.Generator,
+              names: list[str], name: str) -> tuple[ImageSet, list[int]]:
+    """The phased stream (see :func:`make_protocol`) and where each segment ends."""
+    if fraction > 0 and distractors is None:
+        from components.data.distractors import Distractors
+
+        distractors = Distractors()
+    n_segments = len(phase_lists) - 1
+    start = {c: max(p, 1) for p, classes in enumerate(phase_lists) for c in classes}
+    images, targets, ends = [], [], []
+    for segment in range(1, n_segments + 1):
+        index = np.concatenate([np.array_split(second[c], n_segments - s + 1)[segment - s]
+                                for c, s in start.items() if s <= segment] or [np.array([], int)])
+        seg_images, seg_targets = train.images[index], remap[train.targets[index]]
+        n_noise = int(round(fraction * len(index) / (1 - fraction)))
+        if n_noise:
+            shape = tuple(train.images.shape[1:])
+            seg_images = torch.cat([seg_images, distractors(n_noise, shape, rng)])
+            seg_targets = torch.cat([seg_targets, torch.full((n_noise,), -1, dtype=torch.long)])
+        order = torch.from_numpy(rng.permutation(len(seg_targets)))
+        images.append(seg_images[order])
+        targets.append(seg_targets[order])
+        ends.append((ends[-1] if ends else 0) + len(order))
+    return ImageSet(torch.cat(images), torch.cat(targets), names, name), ends
