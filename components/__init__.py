@@ -5,11 +5,13 @@ directly from Python with no gin file parsed.
 """
 
 from components import (  # noqa: F401
+    acceptance,
     cache,
     data,
     external,
     kmeans,
     losses,
+    memory,
     metrics,
     models,
     pool,

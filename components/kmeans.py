@@ -210,6 +210,14 @@ class SemiSupervisedKMeans:
       (new classes merge elsewhere), too many split it, so the score plateaus up to the true k
       and then falls: the *largest* k within one standard error (over probes) of the best wins.
 
+    * ``estimate="density"``: HDBSCAN (Campello et al., PAKDD 2013; scikit-learn's) on the
+      unlabeled samples in this geometry finds the dense groups of at least
+      ``max(min_cluster_size, min_cluster_share · N)`` samples and calls the rest noise; k is the
+      number of groups, **0 included** (a pool of stray samples grows nothing), and the new
+      centroids start at the groups' means. k-means then assigns every sample, noise too. With
+      ``novel`` given, the groups are looked for among those samples only (the continual loop
+      clusters the whole seen stream, but only what the model found novel may found a class).
+
     ``overcluster=m`` makes ``m`` times as many new clusters (each a pseudo-class of its own).
 
     ``whiten=True`` clusters in Mahalanobis geometry: features are centred and multiplied by
@@ -234,11 +242,19 @@ class SemiSupervisedKMeans:
         overcluster: int = 1,
         whiten: bool = False,
         whiten_ridge: float = 1e-3,
+        min_cluster_size: int = 10,
+        min_cluster_share: float = 0.05,
+        min_samples: int = 5,
+        density_selection: str = "eom",
+        split_test: float | None = None,
     ) -> None:
         if k_new is not None and k_new < 1:
             raise ValueError(f"k_new must be >= 1 (or None to estimate it), got {k_new}")
-        if estimate not in ("silhouette", "gcd", "probe"):
-            raise ValueError(f"estimate must be 'silhouette', 'gcd' or 'probe', got {estimate!r}")
+        if estimate not in ("silhouette", "gcd", "probe", "density"):
+            raise ValueError(f"estimate must be 'silhouette', 'gcd', 'probe' or 'density', got {estimate!r}")
+        if min_cluster_size < 2 or not 0 <= min_cluster_share < 1 or min_samples < 1:
+            raise ValueError(f"need min_cluster_size >= 2, 0 <= min_cluster_share < 1 and min_samples >= 1, "
+                             f"got {min_cluster_size}, {min_cluster_share}, {min_samples}")
         if k_max < 1 or overcluster < 1 or not 0 < held_out < 1:
             raise ValueError(f"need k_max >= 1, overcluster >= 1 and 0 < held_out < 1, got "
                              f"{k_max}, {overcluster}, {held_out}")
@@ -248,14 +264,27 @@ class SemiSupervisedKMeans:
         self.k_max, self.estimate, self.held_out = k_max, estimate, held_out
         self.silhouette_sample, self.overcluster = silhouette_sample, overcluster
         self.whiten, self.whiten_ridge = whiten, whiten_ridge
+        self.min_cluster_size, self.min_cluster_share = min_cluster_size, min_cluster_share
+        self.min_samples = min_samples
+        if density_selection not in ("eom", "leaf"):
+            raise ValueError(f"density_selection must be 'eom' or 'leaf', got {density_selection!r}")
+        if split_test is not None and not 0 < split_test < 1:
+            raise ValueError(f"split_test is a significance level in (0, 1), got {split_test}")
+        self.density_selection, self.split_test = density_selection, split_test
 
     def __call__(
-        self, unlabeled: np.ndarray, labeled: np.ndarray, labeled_targets: np.ndarray, n_old: int
+        self, unlabeled: np.ndarray, labeled: np.ndarray, labeled_targets: np.ndarray, n_old: int,
+        novel: np.ndarray | None = None,
     ) -> KMeansResult:
+        """Cluster ``unlabeled`` with ``n_old`` clusters anchored by the labeled samples.
+        ``novel`` (``estimate="density"`` only) marks the unlabeled samples the dense groups are
+        looked for in, e.g. the pooled ones among a whole seen stream; all are assigned."""
         y_l = np.asarray(labeled_targets, dtype=np.int64)
         raw_u, raw_l = _check(unlabeled, "unlabeled"), _check(labeled, "labeled")
-        x_u, x_l = self._geometry(raw_u, raw_l, y_l, n_old)
-        wanted = (self.k_new or 1) * self.overcluster
+        if len(raw_u) == 0:
+            raise ValueError("no unlabeled samples to cluster")
+        x_u, x_l = self.geometry(raw_u, raw_l, y_l, n_old)
+        wanted = (self.k_new or (0 if self.estimate == "density" else 1)) * self.overcluster
         if len(x_u) < wanted:
             raise ValueError(
                 f"cannot find {wanted} new clusters in {len(x_u)} unlabeled samples: "
@@ -268,6 +297,15 @@ class SemiSupervisedKMeans:
             raise ValueError(f"feature widths differ: labeled {x_l.shape[1]}, unlabeled {x_u.shape[1]}")
         if self.k_new is not None:
             return self._fit(x_u, x_l, y_l, n_old, self.k_new * self.overcluster)
+        if self.estimate == "density":
+            among = x_u if novel is None else x_u[np.asarray(novel, bool)]
+            groups = self.dense_groups(among, x_l)
+            seeds = np.stack([among[groups == g].mean(0) for g in range(groups.max() + 1)]) \
+                if len(groups) and groups.max() >= 0 else np.zeros((0, x_u.shape[1]), np.float32)
+            result = self.cluster(x_u, x_l, y_l, n_old, len(seeds), seeds=seeds)
+            result.k_scores = {len(seeds): float(np.mean(groups >= 0))}  # the share in dense groups
+            result.k_estimate = len(seeds)
+            return result
         if self.estimate == "probe":  # each probe gets its own geometry (it may be whitened)
             scores, errors = self._probe_scores(raw_u, raw_l, y_l, n_old)
         else:
@@ -280,9 +318,45 @@ class SemiSupervisedKMeans:
         return result
 
     def _fit(self, x_u, x_l, y_l, n_old: int, k_new: int) -> KMeansResult:
+        return self.cluster(x_u, x_l, y_l, n_old, k_new)
+
+    def cluster(self, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int, k_new: int,
+                seeds: np.ndarray | None = None) -> KMeansResult:
+        """Semi-supervised k-means with exactly ``k_new`` free clusters on features already in
+        this labeler's :meth:`geometry`: the best of ``n_init`` k-means++ starts, or one run from
+        the given new-centroid ``seeds`` ``[k_new, D]``."""
         old = np.stack([x_l[y_l == c].mean(0) for c in range(n_old)])
+        if seeds is not None:
+            return self._run(x_u, x_l, y_l, old, k_new, self.seed, seeds=np.asarray(seeds, np.float32))
         runs = [self._run(x_u, x_l, y_l, old, k_new, self.seed + i) for i in range(self.n_init)]
         return min(runs, key=lambda r: r.inertia)
+
+    def dense_groups(self, x_u: np.ndarray, x_l: np.ndarray | None = None) -> np.ndarray:
+        """HDBSCAN's new groups among the unlabeled samples, numbered by size (largest first;
+        ``-1``: noise or a known class); features already in this labeler's :meth:`geometry`.
+
+        The labeled samples ``x_l`` join the density estimate, so that a group of unlabeled
+        samples lying in a known class's region merges with it (a group that is mostly labeled
+        is that known class, not a new one) and a pool holding one new class still has other
+        groups to be told apart from (HDBSCAN never returns a single group)."""
+        from sklearn.cluster import HDBSCAN
+
+        size = max(self.min_cluster_size, int(self.min_cluster_share * len(x_u)))
+        if len(x_u) < size:
+            return np.full(len(x_u), -1)
+        x_l = np.zeros((0, x_u.shape[1]), x_u.dtype) if x_l is None else x_l
+        density = HDBSCAN(min_cluster_size=size, min_samples=min(self.min_samples, size), copy=True,
+                          cluster_selection_method=self.density_selection)
+        found = density.fit_predict(np.concatenate([x_l, x_u]))
+        on_labeled, found = found[: len(x_l)], found[len(x_l):]
+        new = [g for g in np.unique(found[found >= 0])
+               if (on_labeled == g).sum() < (found == g).sum()]  # mostly unlabeled: a new group
+        if self.split_test is not None:
+            found, new = self._split_non_gaussian(x_u, found, new, size)
+        counts = [(found == g).sum() for g in new]
+        by_size = np.array(new)[np.argsort(counts, kind="stable")[::-1]]
+        renumber = {int(g): rank for rank, g in enumerate(by_size)}
+        return np.array([renumber.get(int(g), -1) for g in found], dtype=np.int64)
 
     def _scores(self, x_u, x_l, y_l, n_old: int) -> tuple[dict[int, float], dict[int, float]]:
         """Score every candidate number of new classes (higher is better), with the standard
@@ -324,7 +398,30 @@ class SemiSupervisedKMeans:
     def _candidates(self, n_unlabeled: int) -> range:
         return range(1, min(self.k_max, n_unlabeled - 1) + 1)
 
-    def _geometry(self, x_u, x_l, y_l, n_old: int) -> tuple[np.ndarray, np.ndarray]:
+    def _split_non_gaussian(self, x: np.ndarray, found: np.ndarray, new: list, size: int):
+        """G-means' test (Hamerly & Elkan, NeurIPS 2003): split a group in two by 2-means,
+        project it onto the line between the two halves and keep the split when the projection
+        is not Gaussian (:func:`anderson_darling` above the critical value for significance
+        ``split_test``) and both halves have ``size`` samples or more; the halves are tested again."""
+        critical = AD_CRITICAL[min(AD_CRITICAL, key=lambda a: abs(np.log(a / self.split_test)))]
+        found, queue, out, next_id = found.copy(), list(new), [], int(found.max()) + 1
+        while queue:
+            g = queue.pop()
+            members = np.flatnonzero(found == g)
+            if len(members) >= 2 * size:
+                halves = KMeans(2, seed=self.seed, n_init=3).fit(x[members])
+                direction = halves.centroids[0] - halves.centroids[1]
+                projected = x[members] @ direction
+                sizes = np.bincount(halves.labels, minlength=2)
+                if anderson_darling(projected) > critical and sizes.min() >= size:
+                    found[members[halves.labels == 1]] = next_id
+                    queue += [g, next_id]
+                    next_id += 1
+                    continue
+            out.append(g)
+        return found, out
+
+    def geometry(self, x_u, x_l, y_l, n_old: int) -> tuple[np.ndarray, np.ndarray]:
         """The features k-means sees: whitened by the labeled classes (``whiten``), then
         L2-normalized (``normalize``)."""
         if self.whiten and x_l.shape[1] == x_u.shape[1] and len(np.unique(y_l)) == n_old:
@@ -345,7 +442,7 @@ class SemiSupervisedKMeans:
         for i, c in enumerate(probes):
             probe, anchored = y_l == c, y_l != c
             y_anchored = y_l[anchored] - (y_l[anchored] > c)  # old classes renumbered 0..n_old-2
-            x_mix, x_anchored = self._geometry(np.concatenate([raw_u, raw_l[probe]]), raw_l[anchored],
+            x_mix, x_anchored = self.geometry(np.concatenate([raw_u, raw_l[probe]]), raw_l[anchored],
                                                y_anchored, n_old - 1)
             for j, k in enumerate(candidates):
                 labels = self._fit(x_mix, x_anchored, y_anchored, n_old - 1, k + 1).labels[len(raw_u):]
@@ -369,10 +466,12 @@ class SemiSupervisedKMeans:
             labels[far], dist[far] = empty, 0.0
         return labels, dist
 
-    def _run(self, x_u, x_l, y_l, old, k_new: int, seed: int) -> KMeansResult:
+    def _run(self, x_u, x_l, y_l, old, k_new: int, seed: int,
+             seeds: np.ndarray | None = None) -> KMeansResult:
         rng = np.random.default_rng(seed)
         k = len(old) + k_new
-        seeds = kmeans_plusplus(x_u, k_new, rng, start=old)
+        if seeds is None:
+            seeds = kmeans_plusplus(x_u, k_new, rng, start=old)
         centroids = np.concatenate([old, seeds]).astype(np.float32)
         x_all = np.concatenate([x_l, x_u])
         labels, dist = self._assign(x_u, centroids, len(old))
@@ -389,6 +488,24 @@ class SemiSupervisedKMeans:
         dist_l = ((x_l - centroids[y_l]) ** 2).sum(1)
         inertia = float(dist.sum() + dist_l.sum())
         return KMeansResult(labels, dist, centroids, inertia, iterations)
+
+
+# Critical values of the Anderson-Darling statistic for normality with estimated mean and
+# variance (Stephens, JASA 1974), by significance level; 1e-4 is G-means' choice (1.8692).
+AD_CRITICAL = {0.10: 0.631, 0.05: 0.752, 0.025: 0.873, 0.01: 1.035, 0.005: 1.159, 1e-4: 1.8692}
+
+
+def anderson_darling(values: np.ndarray) -> float:
+    """The Anderson-Darling statistic of ``values`` against a normal law with their own mean and
+    variance, with Stephens' small-sample correction ``A² (1 + 4/n - 25/n²)``, as G-means uses it."""
+    from scipy.stats import norm
+
+    z = np.sort((values - values.mean()) / max(float(values.std(ddof=1)), 1e-12))
+    n = len(z)
+    cdf = np.clip(norm.cdf(z), 1e-12, 1 - 1e-12)
+    i = np.arange(1, n + 1)
+    a2 = -n - np.mean((2 * i - 1) * (np.log(cdf) + np.log(1 - cdf[::-1])))
+    return float(a2 * (1 + 4 / n - 25 / n**2))
 
 
 def whitened(x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,

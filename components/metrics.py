@@ -113,6 +113,52 @@ def pool_quality(pooled: np.ndarray, is_new: np.ndarray) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "size": int(pooled.sum())}
 
 
+def grouped_accuracy(y_true, y_pred, groups: dict[str, Sequence[int]]) -> dict[str, float | None]:
+    """Accuracy after one Hungarian assignment over all samples whose class is in ``groups``,
+    then on all of them (``"all"``) and on each group's samples; ``None`` for a group with no
+    sample. The continual loop's accuracy matrix is this, round after round, over the test
+    images of the classes seen so far."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = sorted({int(c) for ids in groups.values() for c in ids})
+    keep = np.isin(y_true, classes)
+    if not keep.any():
+        return {"all": None} | dict.fromkeys(groups)
+    y_true, y_pred = y_true[keep], y_pred[keep]
+    mapping = hungarian_mapping(y_true, y_pred)
+    hit = np.array([mapping.get(p, -1) for p in y_pred]) == y_true
+    out: dict[str, float | None] = {"all": float(hit.mean())}
+    for name, ids in groups.items():
+        mask = np.isin(y_true, list(ids))
+        out[name] = float(hit[mask].mean()) if mask.any() else None
+    return out
+
+
+def continual_summary(matrix: Sequence[dict[str, float | None]], groups: Sequence[str]) -> dict:
+    """From the accuracy matrix (one dict per round: ``"all"`` and each group, ``None`` where a
+    group was not seen yet): the final accuracies, the average incremental accuracy (mean over
+    rounds of ``"all"``) and each group's forgetting in points (its best accuracy in an earlier
+    round minus its final one; ``None`` with no earlier round)."""
+    final = dict(matrix[-1])
+    alls = [row["all"] for row in matrix if row["all"] is not None]
+    forgetting: dict[str, float | None] = {}
+    for g in groups:
+        earlier = [row[g] for row in matrix[:-1] if row.get(g) is not None]
+        forgetting[g] = (100 * (max(earlier) - final[g])
+                         if earlier and final.get(g) is not None else None)
+    return {"final": final, "average_incremental": float(np.mean(alls)) if alls else None,
+            "forgetting": forgetting}
+
+
+def cluster_truth(targets: np.ndarray) -> dict:
+    """What a pseudo-labeled cluster really holds (for reporting only, never for decisions):
+    its majority true class (``-1``: distractors), that class's share, and the distractor share."""
+    targets = np.asarray(targets)
+    values, counts = np.unique(targets, return_counts=True)
+    top = int(values[np.argmax(counts)])
+    return {"majority": top, "purity": float(counts.max() / len(targets)),
+            "distractors": float(np.mean(targets == -1))}
+
+
 class _Accumulating(Metric):
     """Collects (predictions, targets) over an epoch; ``output_transform`` gives the pair."""
 

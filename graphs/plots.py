@@ -145,3 +145,60 @@ def embedding_plot(path: Path, features, truth, clusters, class_names: Sequence[
         ax.legend(fontsize=7, markerscale=2, ncol=2, title=legend_title, title_fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def accuracy_per_round(path: Path, matrix: Sequence[Mapping[str, float | None]], groups: Sequence[str],
+                       title: str) -> Path:
+    """The continual loop's accuracy matrix: test accuracy of each class group after every round
+    (a group enters once the stream has reached its phase)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rounds = list(range(len(matrix)))
+    for group in ["all", *groups]:
+        values = [row.get(group) for row in matrix]
+        points = [(r, 100 * v) for r, v in zip(rounds, values, strict=True) if v is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=group,
+                    linewidth=2.5 if group == "all" else 1.5)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(rounds)
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def classes_over_time(path: Path, positions: Sequence[int], known: Sequence[int], true_seen: Sequence[int],
+                      title: str) -> Path:
+    """Classes the model knows after each round against the classes the stream has shown."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step(positions, known, where="post", marker="o", label="classes the model knows")
+    ax.step(positions, true_seen, where="post", linestyle="--", label="classes the stream has shown")
+    ax.set_xlabel("stream position (samples seen)")
+    ax.set_ylabel("classes")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def pool_over_rounds(path: Path, trace: Sequence[Sequence[int]], rounds: Sequence[tuple[int, int]],
+                     segment_ends: Sequence[int], title: str) -> Path:
+    """Pool size over the whole stream; a dotted line where each round discovered (with its
+    number), grey bands for the stream's segments."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if trace:
+        positions, sizes = zip(*[(int(p), int(n)) for p, n in trace], strict=True)
+        ax.step(positions, sizes, where="post", label="pooled samples")
+    start = 0
+    for i, end in enumerate(segment_ends):
+        if i % 2:
+            ax.axvspan(start, end, color="0.92", zorder=0)
+        start = end
+    for number, position in rounds:
+        ax.axvline(position, color="tab:green", linestyle=":")
+        ax.annotate(f"r{number}", (position, 0), textcoords="offset points", xytext=(2, 2), fontsize=8)
+    ax.set_xlabel("stream position (samples seen; grey bands: alternate segments)")
+    ax.set_ylabel("samples in the pool")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)

@@ -163,9 +163,99 @@ def discovery_table(m: dict) -> Table:
     return table
 
 
+def _points(value) -> str:
+    return "–" if value is None else f"{value:+.1f}"
+
+
+def _continual_rows(m: dict) -> list[tuple[str, str]]:
+    final, forgetting = m["final"], m["forgetting"]
+    rows = [
+        ("final test accuracy, all / old / new (%)",
+         " / ".join(_pct(final[k]) for k in ("all", "old", "new"))),
+        ("final, each phase's new classes (%)", " / ".join(_pct(v) for v in final["phases"])),
+        ("average incremental accuracy (%)", _pct(m["average_incremental"])),
+        ("forgetting, old / each phase (points)",
+         " / ".join(_points(v) for v in [forgetting["old"], *forgetting["phases"]])),
+        ("classes discovered (true new) / duplicates / spurious",
+         f"{m['discovered']} ({m['true_new']}) / {m['duplicates']} / {m['spurious']}"),
+        ("rounds / current version", f"{len(m['rounds']) - 1} / v{m['version']}"),
+    ]
+    return rows
+
+
+def continual_table(m: dict) -> Table:
+    table = Table(title=f"{m['protocol']}, continual (seed {m['seed']}, {m['seconds']:.0f} s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for row in _continual_rows(m):
+        table.add_row(*row)
+    return table
+
+
+def write_continual_report(run_dir, m: dict, state, protocol) -> Path:
+    """``report.md`` of a continual run: the final table, the accuracy per round, the classes
+    over time, the pool over the whole stream with every round marked, each round's decisions
+    and the version lineage."""
+    from graphs import plots
+
+    title = f"{m['protocol']}, seed {m['seed']}"
+    groups = ["old", *[f"phase {i}" for i in range(1, len(protocol.phases))]]
+    plots.accuracy_per_round(run_dir.file("accuracy_per_round.png"), m["matrix"], groups,
+                             f"{title}: test accuracy after every round")
+    starts = [0, *protocol.segment_ends[:-1]]
+    positions = [r["position"] for r in m["rounds"]]
+    true_seen = [protocol.n_old + sum(len(ids) for phase, ids in enumerate(protocol.phases[1:], start=1)
+                                      if pos > starts[phase - 1]) for pos in positions]
+    plots.classes_over_time(run_dir.file("classes.png"), positions, [r["classes"] for r in m["rounds"]],
+                            true_seen, f"{title}: classes over time")
+    plots.pool_over_rounds(run_dir.file("pool.png"), state.trace,
+                           [(r["round"], r["position"]) for r in m["rounds"][1:]], protocol.segment_ends,
+                           f"{title}: the pool over the stream")
+    lines = [f"# {title}: the continual loop", "",
+             f"{m['seconds']:.0f} s. Metrics in `metrics.json`, bindings in `operative_config.gin`, "
+             "every model version in `versions/`.", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _continual_rows(m)]
+    lines += ["", "## Accuracy per round", "",
+              "Test accuracy (one Hungarian assignment over the test images of the classes seen so far) "
+              "of each class group after every round.", "", "![Accuracy per round](accuracy_per_round.png)",
+              "", "| round | stream | pooled | k | accepted | rejected | decision | classes | all | "
+              + " | ".join(groups) + " |", "|" + "---|" * (9 + len(groups))]
+    for r in m["rounds"]:
+        acc = r["accuracy"]
+        lines.append(f"| {r['round']} | {r['start']}→{r['position']} | {r['pooled']} | "
+                     f"{'–' if r['k_estimated'] is None else r['k_estimated']} | {len(r['accepted'])} | "
+                     f"{len(r['rejected'])} | {r['promotion']['decision']} | {r['classes']} | "
+                     f"{_pct(acc['all'])} | " + " | ".join(_pct(acc.get(g)) for g in groups) + " |")
+    lines += ["", "## Classes over time", "", "![Classes over time](classes.png)", "",
+              "## The pool over the stream", "",
+              "Every round discovers at a dotted line; rejected samples wait in the pool for the next "
+              "rounds, then age out.", "", "![The pool over the stream](pool.png)", "",
+              "## Decisions", ""]
+    for r in m["rounds"][1:]:
+        lines.append(f"- **round {r['round']}** ({r['trigger']}): {r['promotion']['why']}.")
+        for verdict in r["accepted"]:
+            lines.append(f"  - accepted cluster of {verdict['size']}, stability {verdict['stability']:.2f}, "
+                         f"separation {verdict['separation']:.2f}")
+        for verdict in r["rejected"]:
+            lines.append(f"  - rejected cluster of {verdict['size']}: {'; '.join(verdict['reasons'])}")
+    lines += ["", "## Lineage", "", "| version | parent | round | classes | decision |",
+              "|---|---|---|---|---|"]
+    versions = sorted((run_dir.path / "versions").glob("v*"), key=lambda f: int(f.name[1:]))
+    import json
+
+    for folder in versions:
+        table = json.loads((folder / "classes.json").read_text())
+        parent = "–" if table["parent"] is None else f"v{table['parent']}"
+        lines.append(f"| v{table['version']} | {parent} | {table['round']} | {len(table['classes'])} | "
+                     f"{table['decision']} |")
+    return run_dir.write_text("report.md", "\n".join(lines) + "\n")
+
+
 def show_metrics(m: dict) -> None:
-    """Print the end-of-run table of a lifecycle, long-tail, novelty or discovery run."""
-    if "methods" in m:
+    """Print the end-of-run table of a lifecycle, continual, long-tail, novelty or discovery run."""
+    if m.get("graph") == "continual":
+        console.print(continual_table(m))
+    elif "methods" in m:
         console.print(longtail_table(m))
     elif "assigned_new" in m:
         console.print(discovery_table(m))

@@ -259,7 +259,24 @@ def test_pool_threshold_add_ready_remove():
     assert pool.add(torch.tensor([20, 21]), torch.tensor([0.51, -1.0])) == 1  # tensors work
     assert len(pool) == 3 and pool.ready
     pool.remove(np.array([11, 20]))
-    assert pool.ids.tolist() == [13] and not pool.ready
+    assert pool.ids.tolist() == [13] and pool.ready  # 3 arrived since the pool was made
+    pool.new_round(1)  # a round ran: the next trigger counts new arrivals only
+    assert not pool.ready and len(pool) == 1
+
+
+def test_pool_keeps_arrival_order_ages_out_and_round_trips():
+    pool = SamplePool(trigger_size=2, threshold=0.0)
+    pool.add(np.array([30, 4, 17]), np.ones(3))
+    pool.new_round(1)
+    pool.add(np.array([2, 25]), np.ones(2))
+    pool.remove(np.array([4]))
+    assert pool.ids.tolist() == [30, 17, 2, 25]  # arrival order, not sorted
+    restored = SamplePool(trigger_size=99)
+    restored.load_state_dict(pool.state_dict())
+    assert restored.ids.tolist() == [30, 17, 2, 25] and restored.trigger_size == 2 and restored.ready
+    pool.new_round(2)
+    assert pool.age_out(2).tolist() == [30, 17]  # entered in round 0: waited through two rounds
+    assert pool.ids.tolist() == [2, 25]
 
 
 def test_pool_without_threshold_raises():

@@ -49,6 +49,7 @@ def test_online_stops_when_the_pool_fires():
     assert pool.ids.tolist() == [2, 4, 5]
     # the next call resumes where the last one stopped and runs to the end of the stream
     pool.remove(pool.ids)
+    pool.new_round(1)
     position, scores = online(stream, max_softmax, pool, start=position, batch_size=2)
     assert position == 10 and len(scores) == 4 and pool.ids.tolist() == [7, 8, 9]
 

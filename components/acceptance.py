@@ -1,0 +1,211 @@
+"""Which discovered clusters become classes: the continual loop's accept / reject rule.
+
+A clustering of the pool always returns clusters; not every cluster is a class. Growing the
+classifier by a cluster of old-class look-alikes, of a split class, or of distractors cannot
+be undone, so :class:`ClusterAcceptance` keeps a cluster only when it is
+
+* **big enough**: at least ``min_size`` pooled samples;
+* **stable**: its clusterwise Jaccard stability (Hennig, *Cluster-wise assessment of cluster
+  stability*, CSDA 2007) is at least ``min_stability``: the pool is subsampled (``fraction``,
+  ``resamples`` times) and re-clustered with the same number of clusters from fresh k-means++
+  starts; in each, the cluster's best Jaccard overlap with a new cluster is taken, and the mean
+  is its stability (Hennig: below 0.5 the cluster "dissolves", above 0.75 it is stable);
+* **apart from the known classes**: its centroid lies farther from the nearest known-class
+  mean than ``min_separation`` times that class's radius (the mean distance of its labeled
+  samples to their mean; the median radius for a class with fewer than ``min_size`` of them,
+  whose own radius is noise), so it is not the fringe of a class the model already has;
+* **in the known classes' domain**, when ``max_separation`` is set: not farther than
+  ``max_separation`` times the median distance between neighbouring known-class means, so a
+  cloud of noise or of another dataset's images, far from everything known, is not a class;
+* **varied**: its own radius at least ``min_tightness`` times the median known-class radius; a
+  class has the variation of a class, a cluster of near copies (a flat frame, a frozen sensor)
+  does not;
+* **novel**, when the clustered samples include some the model was sure of (the loop may
+  cluster the whole seen stream, not only the pool): at least ``min_novel_share`` of its
+  members were scored as novel (pooled). A new class is mostly novel to the model; a split of
+  a known class is mostly not.
+
+A cluster that passes but lies within ``min_separation`` radii of a bigger cluster that passed is
+**merged** into it (one class found as two clusters in one round is one class). Rejected
+clusters' samples stay in the pool (and can age out there). All distances are taken in the
+geometry the labeler clustered in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import gin
+import numpy as np
+
+from components.kmeans import KMeansResult
+
+
+@dataclasses.dataclass
+class Verdict:
+    """One cluster's measurements and whether it becomes a class (``reasons`` says why not)."""
+
+    cluster: int  # its id in the clustering: n_old + j
+    size: int
+    stability: float
+    separation: float  # distance to the nearest known-class mean / that class's radius
+    spread: float  # that distance / the median distance between neighbouring known-class means
+    novel_share: float  # share of its members that were pooled (scored as novel)
+    tightness: float  # its radius / the median known-class radius
+    accepted: bool
+    reasons: list[str]
+    merged_into: int | None = None  # the bigger accepted cluster it joins, if any
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def jaccard_stability(labels: np.ndarray, clusters: list[int], recluster: Callable[[np.ndarray], np.ndarray],
+                      resamples: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Hennig's clusterwise Jaccard stability of each cluster id in ``clusters``: the mean, over
+    ``resamples`` subsamples of ``fraction`` of the samples re-clustered by ``recluster(index)``,
+    of its best Jaccard overlap with a cluster of the re-clustering."""
+    n = len(labels)
+    total = np.zeros(len(clusters))
+    for _ in range(resamples):
+        index = np.sort(rng.choice(n, max(2, int(round(fraction * n))), replace=False))
+        again = np.asarray(recluster(index))
+        mine = labels[index]
+        for i, c in enumerate(clusters):
+            members = mine == c
+            if not members.any():
+                continue  # the cluster left the subsample: counts as 0 this time
+            best = 0.0
+            for other in np.unique(again[members]):
+                theirs = again == other
+                best = max(best, (members & theirs).sum() / (members | theirs).sum())
+            total[i] += best
+    return total / resamples
+
+
+@gin.configurable
+class ClusterAcceptance:
+    """The rule of the module docstring. Call it with the clustering, the unlabeled (pool) and
+    labeled features in the labeler's geometry, and ``recluster(index) -> labels`` that
+    re-clusters ``x_u[index]`` with the same number of clusters."""
+
+    def __init__(self, min_size: int = 10, min_stability: float = 0.6, min_separation: float = 1.0,
+                 max_separation: float | None = None, min_novel_share: float = 0.5,
+                 min_tightness: float = 0.0, merge: bool = True, resamples: int = 5,
+                 fraction: float = 0.8, seed: int = 0) -> None:
+        if min_size < 1 or not 0 <= min_stability <= 1 or min_separation < 0 or resamples < 1:
+            raise ValueError(f"need min_size >= 1, 0 <= min_stability <= 1, min_separation >= 0 and "
+                             f"resamples >= 1, got {min_size}, {min_stability}, {min_separation}, "
+                             f"{resamples}")
+        if not 0 < fraction < 1:
+            raise ValueError(f"the subsample fraction must be in (0, 1), got {fraction}")
+        self.min_size, self.min_stability = min_size, min_stability
+        self.min_separation, self.max_separation = min_separation, max_separation
+        self.min_novel_share, self.min_tightness, self.merge = min_novel_share, min_tightness, merge
+        self.resamples, self.fraction, self.seed = resamples, fraction, seed
+
+    def __call__(self, result: KMeansResult, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
+                 n_old: int, recluster: Callable[[np.ndarray], np.ndarray],
+                 novel: np.ndarray | None = None) -> list[Verdict]:
+        """Judge every new cluster of ``result``; ``novel`` marks the unlabeled samples that were
+        pooled (all of them when omitted)."""
+        novel = np.ones(len(x_u), bool) if novel is None else np.asarray(novel, bool)
+        clusters = list(range(n_old, len(result.centroids)))
+        if not clusters:
+            return []
+        means = np.stack([x_l[y_l == c].mean(0) for c in range(n_old)])
+        radius = np.array([np.linalg.norm(x_l[y_l == c] - means[c], axis=1).mean() for c in range(n_old)])
+        counts = np.bincount(y_l, minlength=n_old)
+        reliable = (counts >= self.min_size) & (radius > 0)
+        typical_radius = float(np.median(radius[reliable])) if reliable.any() else float(radius.max() or 1.0)
+        # a radius measured on fewer than min_size samples is noise: such a class gets the median
+        radius = np.where(reliable, radius, typical_radius)
+        between = np.linalg.norm(means[:, None] - means[None], axis=2)
+        np.fill_diagonal(between, np.inf)
+        typical = float(np.median(between.min(1))) if n_old > 1 else float(radius.mean())
+        stability = jaccard_stability(result.labels, clusters, recluster, self.resamples, self.fraction,
+                                      np.random.default_rng(self.seed))
+        verdicts = []
+        for i, c in enumerate(clusters):
+            members = result.labels == c
+            size = int(members.sum())
+            novel_share = float(novel[members].mean()) if size else 0.0
+            gaps = np.linalg.norm(means - result.centroids[c], axis=1)
+            nearest = int(np.argmin(gaps))
+            separation, spread = float(gaps[nearest] / radius[nearest]), float(gaps[nearest] / typical)
+            own = float(np.linalg.norm(x_u[members] - result.centroids[c], axis=1).mean()) if size else 0.0
+            tightness = own / typical_radius
+            reasons = []
+            if size < self.min_size:
+                reasons.append(f"{size} samples, fewer than {self.min_size}")
+            if stability[i] < self.min_stability:
+                reasons.append(f"stability {stability[i]:.2f} below {self.min_stability}")
+            if separation < self.min_separation:
+                reasons.append(f"within {separation:.2f} radii of known class {nearest}")
+            if self.max_separation is not None and spread > self.max_separation:
+                reasons.append(f"{spread:.1f} times farther than known classes are from each other: "
+                               "outside their domain")
+            if novel_share < self.min_novel_share:
+                reasons.append(f"only {100 * novel_share:.0f} % of it was novel to the model")
+            if tightness < self.min_tightness:
+                reasons.append(f"its samples are near copies of one another (radius {tightness:.2f} of a "
+                               "known class's)")
+            verdicts.append(Verdict(c, size, float(stability[i]), separation, spread, novel_share,
+                                    tightness, not reasons, reasons))
+        if self.merge:
+            self._merge(verdicts, result, x_u)
+        return verdicts
+
+    def _merge(self, verdicts: list[Verdict], result: KMeansResult, x_u: np.ndarray) -> None:
+        """Merge each accepted cluster into a bigger accepted one it lies within
+        ``min_separation`` radii of (biggest first)."""
+        kept: list[Verdict] = []
+        for v in sorted((v for v in verdicts if v.accepted), key=lambda v: -v.size):
+            for k in kept:
+                members = result.labels == k.cluster
+                own = np.linalg.norm(x_u[members] - result.centroids[k.cluster], axis=1).mean()
+                gap = np.linalg.norm(result.centroids[v.cluster] - result.centroids[k.cluster])
+                if gap < self.min_separation * own:
+                    v.merged_into = k.cluster
+                    break
+            else:
+                kept.append(v)
+
+
+@gin.configurable
+class PromotionGate:
+    """Whether a student replaces the current model, judged on the held-out known-class images
+    (never the test set) with plain accuracy: output ``c`` must be class ``c`` (a Hungarian
+    remap could hide a student that swapped two old classes).
+
+    The student is refused when its accuracy is lower by more than ``max_drop`` **and** the
+    drop is significant in McNemar's paired test (the two models see the same images): with
+    ``b`` images only the current model gets right and ``c`` only the student, the drop
+    ``(b - c) / n`` must exceed ``max_drop + z · sqrt(b + c) / n``. On a few dozen held-out
+    images one image is more than a point, so a plain bound would refuse students for noise.
+    """
+
+    def __init__(self, max_drop: float = 0.02, z: float = 1.64) -> None:
+        if not 0 <= max_drop <= 1 or z < 0:
+            raise ValueError(f"need 0 <= max_drop <= 1 (a fraction of accuracy) and z >= 0, "
+                             f"got {max_drop}, {z}")
+        self.max_drop, self.z = max_drop, z
+
+    def __call__(self, current_correct: np.ndarray, student_correct: np.ndarray) -> tuple[bool, str]:
+        current_correct = np.asarray(current_correct, bool)
+        student_correct = np.asarray(student_correct, bool)
+        n = len(current_correct)
+        if n == 0 or len(student_correct) != n:
+            raise ValueError(f"the gate needs both models' results on the same held-out images, got "
+                             f"{n} and {len(student_correct)}")
+        b = int((current_correct & ~student_correct).sum())
+        c = int((~current_correct & student_correct).sum())
+        before, after = current_correct.mean(), student_correct.mean()
+        allowed = self.max_drop + self.z * np.sqrt(b + c) / n
+        verdict = (f"held-out known-class accuracy {100 * before:.1f} % (current) -> {100 * after:.1f} % "
+                   f"(student), {b} images lost and {c} gained of {n}; allowed drop "
+                   f"{100 * allowed:.1f} points")
+        if (b - c) / n <= allowed:
+            return True, verdict
+        return False, verdict + ": the current model stays and the pool is kept"

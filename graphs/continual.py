@@ -1,0 +1,578 @@
+"""The continual loop: the model keeps updating itself over the whole stream.
+
+Round 0 trains model v0 on the long-tailed labeled classes and fills the exemplar memory with
+them. Every later round
+
+1. goes **online** from where the stream stopped, re-scoring with the current model, until
+   ``pool.trigger_size`` new samples were pooled or the stream ends;
+2. **discovers**: learns a representation on a copy of the current model (memory + the stream
+   seen so far), clusters the pool anchored by every known class with the number of new
+   classes estimated (0 included), and judges each cluster (``accept``); rejected samples stay
+   in the pool and age out after ``pool_age`` rounds;
+3. **grows and distills** a student from the copy on the memory plus the accepted clusters'
+   pseudo-labels, with the current model as the teacher (classes discovered in round r are old
+   classes in round r + 1);
+4. **promotes** the student only if the ``gate`` passes on held-out known-class images (never
+   the test set); a promoted student becomes version ``v<n>`` under ``versions/``, its classes
+   join the memory, and the pool threshold and temperature are re-fitted for it;
+5. **measures** the current model on the test images of the classes seen so far (one Hungarian
+   assignment), one row of the accuracy matrix.
+
+The stream's end triggers a final round on what is pooled. The loop is an Ignite ``Engine``
+with one iteration per round and events of its own (:class:`LoopEvents`); after every round
+its state (round, stream position, pool, memory, class table, current version, the rows so far)
+is saved with Ignite's ``Checkpoint``, so a run started again on the same run folder continues
+after the last finished round and ends as an uninterrupted run would. Every round re-seeds from
+``(seed, round)``, which is what makes that possible.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gin
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, EventEnum, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from ignite.utils import manual_seed
+from torch import nn
+
+from components.acceptance import ClusterAcceptance, PromotionGate
+from components.cache import FeatureCache
+from components.data import ImageSet, ProtocolData
+from components.kmeans import confident
+from components.memory import LABELED, STREAM, ExemplarMemory
+from components.metrics import cluster_truth, continual_summary, grouped_accuracy
+from components.pool import SamplePool
+from components.scores import Score
+from graphs.encode import encode
+from graphs.handlers import RunDir, describe, log
+from graphs.lifecycle import pool_threshold
+from graphs.novelty import FIVE_PERCENT_FALSE_ALARMS, scaled, temperature_of
+from graphs.online import online
+from graphs.train import adapt, distill, train
+
+
+class LoopEvents(EventEnum):
+    """Fired by the continual loop's engine within a round."""
+
+    POOL_READY = "pool_ready"  # the trigger fired, or the stream ended with samples pooled
+    CLUSTERS_JUDGED = "clusters_judged"  # every cluster was accepted or rejected
+    PROMOTED = "promoted"  # a student became the current model
+    KEPT = "kept"  # the gate kept the current model
+
+
+class LoopState:
+    """Everything a round needs from the ones before, saved after every round."""
+
+    def __init__(self, pool: SamplePool, memory: ExemplarMemory) -> None:
+        self.pool, self.memory = pool, memory
+        self.round = 0  # the last finished round
+        self.position = 0  # stream samples consumed
+        self.version = 0
+        self.threshold: float | None = None
+        self.temperature = 1.0
+        self.classes: list[dict] = []  # the class table: output id -> name, origin, ...
+        self.rounds: list[dict] = []  # one record per finished round
+        self.trace: list[list[int]] = []  # (stream position, pool size) after every online batch
+        self.done = False
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "position": self.position, "version": self.version,
+                "threshold": self.threshold, "temperature": self.temperature, "done": self.done,
+                "classes": json.dumps(self.classes), "rounds": json.dumps(self.rounds),
+                "trace": torch.tensor(self.trace, dtype=torch.long).reshape(-1, 2),
+                "pool": self.pool.state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round, self.position = int(state["round"]), int(state["position"])
+        self.version, self.done = int(state["version"]), bool(state["done"])
+        self.threshold, self.temperature = state["threshold"], float(state["temperature"])
+        self.classes, self.rounds = json.loads(state["classes"]), json.loads(state["rounds"])
+        self.trace = state["trace"].tolist()
+        self.pool.load_state_dict(state["pool"])
+        self.memory.load_state_dict(state["memory"])
+
+
+def _finite(value):
+    """JSON-safe: NaN and inf become None (strict JSON readers refuse bare NaN)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+@gin.configurable(denylist=["run_dir"])
+def continual(
+    run_dir: RunDir,
+    data: Callable[[], ProtocolData] = gin.REQUIRED,
+    model: Callable[..., nn.Module] = gin.REQUIRED,
+    augment: nn.Module = gin.REQUIRED,
+    score: Score | Callable[[torch.Tensor], torch.Tensor] = gin.REQUIRED,
+    pool: SamplePool = gin.REQUIRED,
+    labeler: Callable = gin.REQUIRED,
+    cache: FeatureCache = gin.REQUIRED,
+    memory: ExemplarMemory | None = None,
+    accept: ClusterAcceptance | None = None,
+    gate: PromotionGate | None = None,
+    threshold: Callable = FIVE_PERCENT_FALSE_ALARMS,
+    temperature_scaling: bool = True,
+    representation: Callable[..., object] | None = adapt,
+    cluster_on: str = "projected",
+    discover_on: str = "pool",
+    keep_fraction: float = 1.0,
+    self_training: float | None = None,
+    max_unlabeled: int | None = None,
+    pool_age: int = 2,
+    max_rounds: int = 30,
+    seed: int = 0,
+) -> dict:
+    """Run the continual loop of the module docstring over ``data()``'s whole stream and return
+    (and write) its metrics; see :class:`ContinualLoop` for the parameters."""
+    loop = ContinualLoop(
+        run_dir, data(), model, augment, score, pool, labeler, cache,
+        memory or ExemplarMemory(), accept or ClusterAcceptance(), gate or PromotionGate(),
+        threshold, temperature_scaling, representation, cluster_on, discover_on, keep_fraction,
+        self_training, max_unlabeled, pool_age, max_rounds, seed)
+    return loop.run()
+
+
+class ContinualLoop:
+    """The continual loop's pieces and the state it carries from round to round.
+
+    ``labeler(pool, memory features, memory classes, n_known)`` clusters the pool (it must
+    offer ``geometry`` and ``cluster``, as :class:`components.kmeans.SemiSupervisedKMeans` does,
+    for ``accept`` to measure stability); ``cluster_on`` picks ``"projected"`` or ``"features"``;
+    ``keep_fraction`` of each accepted cluster (nearest its centroid) become pseudo-labels;
+    ``max_unlabeled`` caps the seen-stream images the representation step trains on (the pool is
+    always among them); ``pool_age`` is how many rounds a rejected sample may wait in the pool.
+    """
+
+    def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
+                 gate, threshold, temperature_scaling, representation, cluster_on, discover_on,
+                 keep_fraction, self_training, max_unlabeled, pool_age, max_rounds, seed) -> None:
+        if cluster_on not in ("features", "projected"):
+            raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
+        if discover_on not in ("pool", "seen"):
+            raise ValueError(f"discover_on must be 'pool' or 'seen', got {discover_on!r}")
+        if not 0 < keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+        if pool_age < 1 or max_rounds < 1:
+            raise ValueError(f"need pool_age >= 1 and max_rounds >= 1, got {pool_age}, {max_rounds}")
+        if len(protocol.stream) == 0:
+            raise ValueError(f"{protocol.name} has no stream: give the protocol new classes (or phases)")
+        if protocol.val is None or len(protocol.val) == 0:
+            raise ValueError("the continual loop's promotion gate needs held-out known-class images: "
+                             "set make_protocol.val_per_class (the test set is never used for it)")
+        self.run_dir, self.protocol, self.make_model = run_dir, protocol, model
+        self.augment, self.score, self.labeler, self.cache = augment, score, labeler, cache
+        self.accept, self.gate, self.threshold_rule = accept, gate, threshold
+        self.temperature_scaling, self.representation = temperature_scaling, representation
+        self.cluster_on, self.keep_fraction, self.max_unlabeled = cluster_on, keep_fraction, max_unlabeled
+        self.discover_on, self.self_training = discover_on, self_training
+        self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
+        self.device = idist.device()
+        self.state = LoopState(pool, memory)
+        self.model: nn.Module | None = None
+        self.histories: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ the loop as an engine
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        p = self.protocol
+        log.info(f"[bold]{p.name}[/]: {p.n_old} old classes ({len(p.labeled)} labeled images), "
+                 f"{p.n_new} new in {len(p.phases) - 1} phase(s); stream {len(p.stream)} in "
+                 f"{len(p.segment_ends)} segment(s), {int((p.stream.targets < 0).sum())} distractors; "
+                 f"test {len(p.test)}; device {self.device}")
+        saver = DiskSaver(self.run_dir.file("loop"), require_empty=False)
+        checkpoint = Checkpoint({"loop": self.state}, saver, filename_prefix="state", n_saved=1,
+                                global_step_transform=lambda *_: self.state.round, include_self=True)
+        resumed = self._resume(saver.dirname, checkpoint)
+        if not resumed:
+            self._round_zero()
+        if not self.state.done:
+            engine = Engine(lambda engine, r: self._round(engine, r))
+            engine.register_events(*LoopEvents)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, checkpoint)
+            engine.add_event_handler(Events.ITERATION_COMPLETED,
+                                     lambda e: e.terminate() if self.state.done else None)
+            if not resumed:
+                checkpoint(engine)  # round 0, before the first online step
+            if self.state.round < self.max_rounds:
+                engine.run(range(self.state.round + 1, self.max_rounds + 1))
+            if not self.state.done:
+                self.state.done = True
+                log.warning(f"[yellow]stopped after max_rounds = {self.max_rounds} with "
+                            f"{len(p.stream) - self.state.position} stream samples left[/]")
+        metrics = self._metrics(time.perf_counter() - started)
+        self.run_dir.save_operative_config()
+        self.run_dir.write_json("metrics.json", metrics)
+        from graphs.report import write_continual_report
+
+        write_continual_report(self.run_dir, metrics, self.state, self.protocol)
+        return metrics
+
+    def _resume(self, folder: str, checkpoint: Checkpoint) -> bool:
+        """Load the last saved loop state and its current version, if the run folder has one
+        (and the checkpoint handler's own list, so it replaces that file after the next round)."""
+        saved = sorted(Path(folder).glob("state_*.pt"), key=lambda f: int(f.stem.split("_")[-1]))
+        if not saved:
+            return False
+        state = torch.load(saved[-1], weights_only=True)
+        Checkpoint.load_objects({"loop": self.state}, state)  # one object: saved flat, beside ...
+        checkpoint.load_state_dict(state["checkpointer"])  # ... the handler's own list (include_self)
+        self.model = self._load_version(self.state.version)
+        log.info(f"resuming after round {self.state.round}: stream position {self.state.position}, "
+                 f"version v{self.state.version}, {len(self.state.classes)} classes, "
+                 f"{len(self.state.pool)} pooled")
+        return True
+
+    # ------------------------------------------------------------------ round 0
+
+    def _round_zero(self) -> None:
+        p, st = self.protocol, self.state
+        manual_seed(self.seed * 1000)
+        self.model = self.make_model(num_classes=p.n_old)
+        log.info(describe(self.model))
+        trainer = train(self.model, p.labeled, self.augment, self.device,
+                        on_first_step=self.run_dir.save_operative_config)
+        self.histories["train"] = trainer.state.history
+        st.classes = [{"id": c, "name": p.class_names[c], "origin": "labeled", "round": 0,
+                       "pseudo_labels": 0, "labeled": int(p.train_counts[c]), "stability": None}
+                      for c in range(p.n_old)]
+        labeled = encode(self.model, p.labeled, self.augment, self.cache, self.device)
+        keys = np.stack([np.full(len(p.labeled), LABELED), np.arange(len(p.labeled))], 1)
+        for c in range(p.n_old):
+            members = labeled["targets"] == c
+            st.memory.add_class(c, keys[members], labeled["features"][members])
+        self._fit_threshold()
+        self._write_version(0, 0, parent=None, decision="trained on the labeled classes")
+        accuracy = self._evaluate()
+        st.rounds.append({"round": 0, "start": 0, "position": 0, "trigger": None, "pooled": 0,
+                          "k_estimated": None, "accepted": [], "rejected": [],
+                          "promotion": {"decision": "v0", "why": "trained on the labeled classes"},
+                          "version": 0, "classes": len(st.classes), "accuracy": accuracy,
+                          "val_accuracy": self._val_accuracy(self.model)})
+        log.info(f"round 0: v0 on {p.n_old} classes, test accuracy {_pct(accuracy['all'])} %")
+
+    # ------------------------------------------------------------------ one round
+
+    def _round(self, engine: Engine, r: int) -> None:
+        p, st = self.protocol, self.state
+        started = time.perf_counter()
+        manual_seed(self.seed * 1000 + r)  # each round reproducible from the saved state alone
+        st.pool.new_round(r)
+        stream = scaled(self._encode(self.model, p.stream), st.temperature)
+        trace: list[tuple[int, int]] = []
+        start = st.position
+        st.position, _ = online(stream, self.score, st.pool, start=start, trace=trace)
+        st.trace += [list(t) for t in trace]
+        ended = st.position >= len(p.stream)
+        record = {"round": r, "start": start, "position": st.position,
+                  "trigger": "pool" if st.pool.ready else "end of stream", "pooled": len(st.pool),
+                  "k_estimated": None, "accepted": [], "rejected": [], "version": st.version}
+        truth = p.stream.targets.numpy()
+        record["pool_truth"] = _finite(_pool_truth(truth[st.pool.ids], p))
+        if len(st.pool):
+            engine.fire_event(LoopEvents.POOL_READY)
+            self._discover(engine, r, record)
+        else:
+            record["promotion"] = {"decision": "nothing pooled",
+                                   "why": "no stream sample scored above the threshold"}
+        aged = st.pool.age_out(self.pool_age)
+        record["aged_out"] = len(aged)
+        record["classes"] = len(st.classes)
+        record["version"] = st.version
+        record["accuracy"] = self._evaluate()
+        record["seconds"] = time.perf_counter() - started
+        st.rounds.append(_finite(record))
+        st.round = r
+        st.done = ended
+        log.info(f"round {r}: stream {start}→{st.position}, {record['pooled']} pooled, "
+                 f"{len(record['accepted'])} accepted / {len(record['rejected'])} rejected, "
+                 f"{record['promotion']['decision']}; v{st.version} with {len(st.classes)} classes, "
+                 f"test accuracy {_pct(record['accuracy']['all'])} %")
+
+    def _discover(self, engine: Engine, r: int, record: dict) -> None:
+        """Cluster the pool, judge the clusters, grow and distill a student, and promote it if
+        the gate lets it through; everything it decided goes into ``record``."""
+        p, st = self.protocol, self.state
+        pooled_ids = st.pool.ids
+        ids = pooled_ids if self.discover_on == "pool" else self._candidates()
+        pool_images = p.stream.subset(ids, f"{p.name}/{self.discover_on}")
+        memory = self._memory_images()
+        learner = copy.deepcopy(self.model)
+        if self.representation is not None:
+            adapted = self.representation(learner, memory, self._unlabeled(pooled_ids), self.augment,
+                                          self.device)
+            self.histories[f"representation {r}"] = getattr(getattr(adapted, "state", None), "history", [])
+        on_pool = encode(learner, pool_images, self.augment, self.cache, self.device)
+        on_memory = encode(learner, memory, self.augment, self.cache, self.device)
+        n_known, y_memory = len(st.classes), on_memory["targets"]
+        raw_u, raw_l = on_pool[self.cluster_on], on_memory[self.cluster_on]
+        novel = np.isin(ids, pooled_ids)
+        kwargs = {} if self.discover_on == "pool" else {"novel": novel}
+        try:
+            result = self.labeler(raw_u, raw_l, y_memory, n_known, **kwargs)
+        except ValueError as error:
+            record["promotion"] = {"decision": "refused", "why": f"clustering refused the pool: {error}"}
+            return
+        record["k_estimated"] = len(result.centroids) - n_known
+        x_u, x_l = self.labeler.geometry(raw_u, raw_l, y_memory, n_known)
+
+        def recluster(index: np.ndarray) -> np.ndarray:  # the whole procedure on a subsample
+            extra = {} if self.discover_on == "pool" else {"novel": novel[index]}
+            return self.labeler(raw_u[index], raw_l, y_memory, n_known, **extra).labels
+
+        verdicts = self.accept(result, x_u, x_l, y_memory, n_known, recluster, novel=novel)
+        truth = p.stream.targets.numpy()[ids]
+        for v in verdicts:  # what each cluster really held: for the report, never for a decision
+            (record["accepted"] if v.accepted else record["rejected"]).append(
+                v.as_dict() | {"truth": cluster_truth(truth[result.labels == v.cluster])})
+        engine.fire_event(LoopEvents.CLUSTERS_JUDGED)
+        # each accepted cluster becomes an output; a merged one joins the cluster it merged into
+        outputs = [v for v in verdicts if v.accepted and v.merged_into is None]
+        if not outputs:
+            record["promotion"] = {"decision": "nothing to learn",
+                                   "why": "no cluster was accepted" if verdicts else "no new cluster"}
+            return
+        new_id = {v.cluster: n_known + i for i, v in enumerate(outputs)}
+        new_id |= {v.cluster: new_id[v.merged_into] for v in verdicts if v.merged_into is not None}
+        keep = confident(result, self.keep_fraction, first=n_known) & np.isin(result.labels, list(new_id))
+        pseudo_ids = ids[keep]
+        pseudo_targets = np.array([new_id[c] for c in result.labels[keep]], dtype=np.int64)
+        record["outputs"] = [{"id": n_known + i, "size": int((pseudo_targets == n_known + i).sum()),
+                              "truth": cluster_truth(truth[keep][pseudo_targets == n_known + i])}
+                             for i in range(len(outputs))]  # for the report only
+        # grow the adapted copy by the new outputs and distill into it
+        features = on_pool["features"][keep]
+        rows = np.stack([features[pseudo_targets == n_known + i].mean(0) for i in range(len(outputs))])
+        student = learner.grow(len(outputs), torch.from_numpy(rows).to(self.device))
+        names = [c["name"] for c in st.classes] + [f"new-{r}-{i}" for i in range(len(outputs))]
+        taught = ImageSet(torch.cat([memory.images, pool_images.images[torch.from_numpy(keep)]]),
+                          torch.cat([memory.targets, torch.from_numpy(pseudo_targets)]), names,
+                          f"{p.name}/memory+pseudo")
+        distiller = distill(student, self.model, taught, self.augment, self.device)
+        self.histories[f"distill {r}"] = distiller.state.history
+        if self.self_training is not None:  # the student labels the seen stream it is sure of
+            extra, extra_targets = self._self_labels(student, exclude=pseudo_ids)
+            record["self_labels"] = len(extra)
+            if len(extra):
+                taught = ImageSet(torch.cat([taught.images, p.stream.images[torch.from_numpy(extra)]]),
+                                  torch.cat([taught.targets, torch.from_numpy(extra_targets)]), names,
+                                  f"{p.name}/memory+pseudo+self")
+                distiller = distill(student, self.model, taught, self.augment, self.device)
+                self.histories[f"self-training {r}"] = distiller.state.history
+        before, after = self._val_correct(self.model), self._val_correct(student)
+        promoted, why = self.gate(before, after)
+        record["promotion"] = {"decision": "promoted" if promoted else "kept", "why": why,
+                               "val_before": float(before.mean()), "val_after": float(after.mean())}
+        if not promoted:
+            engine.fire_event(LoopEvents.KEPT)
+            log.warning(f"[yellow]round {r}: {why}[/]")
+            return
+        engine.fire_event(LoopEvents.PROMOTED)
+        self.model = student
+        student_features = self._encode(student, p.stream.subset(pseudo_ids))["features"]
+        for i, v in enumerate(outputs):
+            cid = n_known + i
+            members = pseudo_targets == cid
+            st.classes.append({"id": cid, "name": names[cid], "origin": f"discovered in round {r}",
+                               "round": r, "pseudo_labels": int(members.sum()), "labeled": 0,
+                               "stability": v.stability, "size": v.size})
+            keys = np.stack([np.full(members.sum(), STREAM), pseudo_ids[members]], 1)
+            st.memory.add_class(cid, keys, student_features[members])
+        st.pool.remove(pseudo_ids)
+        st.version += 1
+        self._fit_threshold()
+        self._write_version(st.version, r, parent=st.version - 1, decision=why)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _encode(self, model: nn.Module, images: ImageSet) -> dict[str, np.ndarray]:
+        return encode(model, images, self.augment, self.cache, self.device)
+
+    def _memory_images(self) -> ImageSet:
+        """The memory's exemplars as images with their class ids."""
+        keys, targets = self.state.memory.items()
+        images = torch.empty(len(keys), *self.protocol.labeled.images.shape[1:], dtype=torch.uint8)
+        for source, pool_of in ((LABELED, self.protocol.labeled), (STREAM, self.protocol.stream)):
+            rows = keys[:, 0] == source
+            if rows.any():
+                images[torch.from_numpy(rows)] = pool_of.images[torch.from_numpy(keys[rows, 1])]
+        names = [c["name"] for c in self.state.classes]
+        return ImageSet(images, torch.from_numpy(targets), names, f"{self.protocol.name}/memory")
+
+    def _self_labels(self, model: nn.Module, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Seen stream samples ``model`` puts in a discovered class with softmax confidence at
+        least ``self_training`` (memory exemplars and ``exclude`` left out): further
+        pseudo-labels from the grown classifier, the second label generator beside clustering."""
+        seen = self._encode(model, self.protocol.stream)
+        logits = torch.from_numpy(seen["logits"][: self.state.position])
+        confidence, predicted = logits.softmax(1).max(1)
+        keys, _ = self.state.memory.items()
+        taken = np.concatenate([keys[keys[:, 0] == STREAM, 1], exclude])
+        chosen = (confidence >= self.self_training).numpy() & (predicted >= self.protocol.n_old).numpy()
+        chosen &= ~np.isin(np.arange(len(logits)), taken)
+        index = np.flatnonzero(chosen)
+        return index, predicted.numpy()[index]
+
+    def _candidates(self) -> np.ndarray:
+        """The seen stream samples that are not memory exemplars (``discover_on="seen"``)."""
+        keys, _ = self.state.memory.items()
+        taken = keys[keys[:, 0] == STREAM, 1]
+        return np.setdiff1d(np.arange(self.state.position), taken)
+
+    def _unlabeled(self, pooled: np.ndarray) -> ImageSet:
+        """The seen stream for the representation step: everything up to the current position,
+        or the pool plus a seeded random share of the rest when ``max_unlabeled`` caps it."""
+        seen = np.arange(self.state.position)
+        if self.max_unlabeled is not None and len(seen) > self.max_unlabeled:
+            rest = np.setdiff1d(seen, pooled)
+            rng = np.random.default_rng(self.seed * 1000 + self.state.round + 1)
+            extra = rng.choice(rest, max(0, self.max_unlabeled - len(pooled)), replace=False)
+            seen = np.sort(np.concatenate([pooled, extra]))
+        return self.protocol.stream.subset(seen, f"{self.protocol.name}/seen")
+
+    def _fit_threshold(self) -> None:
+        """Temperature and pool threshold for the current model, from held-out known-class
+        images; scores that need fitting (Mahalanobis, kNN) fit on the memory's exemplars."""
+        st, notes = self.state, []
+        val = self._encode(self.model, self.protocol.val)
+        st.temperature = 1.0
+        if self.temperature_scaling:
+            st.temperature, why = temperature_of(val)
+            notes += [why] if why else []
+        memory = scaled(self._encode(self.model, self._memory_images()), st.temperature)
+        stream = scaled(self._encode(self.model, self.protocol.stream), st.temperature)
+        # the held-out images are labeled with their class; every known class counts as "old"
+        st.threshold = pool_threshold(self.score, memory, scaled(val, st.temperature), stream,
+                                      len(st.classes), self.threshold_rule, notes)
+        st.pool.threshold = st.threshold
+        for note in notes:
+            log.warning(f"[yellow]{note}[/]")
+
+    def _val_correct(self, model: nn.Module) -> np.ndarray:
+        """Which held-out known-class images ``model`` gets right (output c is class c, no remap)."""
+        val = self._encode(model, self.protocol.val)
+        return val["logits"].argmax(1) == val["targets"]
+
+    def _val_accuracy(self, model: nn.Module) -> float:
+        return float(self._val_correct(model).mean())
+
+    def _groups(self, position: int) -> dict[str, list[int]]:
+        """Class groups of the accuracy matrix, limited to the phases the stream has reached."""
+        p = self.protocol
+        starts = [0, *p.segment_ends[:-1]]
+        groups = {"old": p.phases[0]}
+        seen_new = []
+        for phase, ids in enumerate(p.phases[1:], start=1):
+            if position > starts[phase - 1] and ids:
+                groups[f"phase {phase}"] = ids
+                seen_new += ids
+        if seen_new:
+            groups["new"] = seen_new
+        return groups
+
+    def _evaluate(self) -> dict:
+        test = self._encode(self.model, self.protocol.test)
+        groups = self._groups(self.state.position)
+        accuracy = grouped_accuracy(test["targets"], test["logits"].argmax(1), groups)
+        for phase in range(1, len(self.protocol.phases)):
+            accuracy.setdefault(f"phase {phase}", None)
+        accuracy.setdefault("new", None)
+        return _finite(accuracy)
+
+    def _load_version(self, version: int) -> nn.Module:
+        folder = self.run_dir.path / "versions" / f"v{version}"
+        classes = json.loads((folder / "classes.json").read_text())["classes"]
+        model = self.make_model(num_classes=len(classes))
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        return model.to(self.device)
+
+    def _write_version(self, version: int, round_: int, parent: int | None, decision: str) -> None:
+        """``versions/v<n>/``: the model's weights, its class table (with the parent version)
+        and its held-out and test accuracy. Written to a temporary folder and renamed into
+        place; a finished version is never rewritten (a resumed round that reaches it again
+        leaves it as it is)."""
+        folder = self.run_dir.file("versions") / f"v{version}"
+        if (folder / "classes.json").exists():
+            log.info(f"versions/v{version} is already written: left as it is")
+            return
+        tmp = folder.with_name(f".v{version}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(self.model.state_dict(), tmp / "model.pt")
+        table = {"version": version, "parent": parent, "round": round_,
+                 "decision": decision, "classes": self.state.classes}
+        (tmp / "classes.json").write_text(json.dumps(_finite(table), indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(_finite({
+            "val_accuracy": self._val_accuracy(self.model), "threshold": self.state.threshold,
+            "temperature": self.state.temperature}), indent=2) + "\n")
+        tmp.rename(folder)
+
+    # ------------------------------------------------------------------ the run's metrics
+
+    def _metrics(self, seconds: float) -> dict:
+        p, st = self.protocol, self.state
+        matrix = [r["accuracy"] for r in st.rounds]
+        phase_names = [f"phase {i}" for i in range(1, len(p.phases))]
+        summary = continual_summary(matrix, ["old", *phase_names])
+        final = summary["final"]
+        discovered = [c for c in st.classes if c["origin"] != "labeled"]
+        accepted = [a for r in st.rounds for a in r["accepted"]]
+        promoted = [o for r in st.rounds if r["promotion"]["decision"] == "promoted"
+                    for o in r.get("outputs", [])]
+        matched: dict[int, int] = {}
+        for a in promoted:
+            matched[a["truth"]["majority"]] = matched.get(a["truth"]["majority"], 0) + 1
+        duplicates = sum(n - 1 for c, n in matched.items() if c >= p.n_old) + \
+            sum(n for c, n in matched.items() if 0 <= c < p.n_old)
+        spurious = sum(1 for a in promoted if a["truth"]["majority"] == -1)
+        stream_truth = p.stream.targets.numpy()
+        return _finite({
+            "protocol": p.name, "seed": self.seed, "graph": "continual",
+            "final": {"all": final["all"], "old": final["old"], "new": final.get("new"),
+                      "phases": [final.get(name) for name in phase_names]},
+            "forgetting": {"old": summary["forgetting"]["old"],
+                           "phases": [summary["forgetting"][name] for name in phase_names]},
+            "average_incremental": summary["average_incremental"],
+            "matrix": matrix,
+            "discovered": len(discovered), "true_new": p.n_new, "duplicates": duplicates,
+            "spurious": spurious, "accepted_clusters": len(accepted),
+            "classes": st.classes, "version": st.version,
+            "rounds": [{k: v for k, v in r.items()} for r in st.rounds],
+            "stream": {"length": len(p.stream), "segments": p.segment_ends,
+                       "distractors": int((stream_truth < 0).sum())},
+            "seconds": seconds,
+        })
+
+
+def _pool_truth(targets: np.ndarray, p: ProtocolData) -> dict:
+    """What the pool held when a round discovered (for the report only)."""
+    if len(targets) == 0:
+        return {"new": None, "old": None, "distractors": None}
+    return {"new": float(np.mean(targets >= p.n_old)),
+            "old": float(np.mean((targets >= 0) & (targets < p.n_old))),
+            "distractors": float(np.mean(targets < 0))}
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+__all__ = ["ContinualLoop", "LoopEvents", "LoopState", "continual"]

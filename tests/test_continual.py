@@ -1,0 +1,134 @@
+"""The continual loop end to end on the embedded digits (digits-phased, short schedules): its
+metrics and files, the version lineage, and a run killed mid-round that resumes and ends with
+the same metrics as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from components.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTINUAL = "gin/continual.gin"
+# the real loop, shorter: same graph and components, fewer epochs and restarts
+SHORT = [
+    "adapt.epochs = 15", "distill.epochs = 30", "SemiSupervisedKMeans.n_init = 2",
+    "ClusterAcceptance.resamples = 3",
+]
+
+
+def _argv(run_dir: Path, cache: Path, *bindings: str) -> list[str]:
+    argv = ["--gin", CONTINUAL, "--run-dir", str(run_dir), "--gin-bindings", f"FeatureCache.root = '{cache}'"]
+    for b in [*SHORT, *bindings]:
+        argv += ["--gin-bindings", b]
+    return argv
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(name):
+        raise ValueError(f"{path.name} holds a bare {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One short continual run, shared by the checks below."""
+    folder = tmp_path_factory.mktemp("continual")
+    os.chdir(ROOT)
+    assert main(_argv(folder / "run", folder / "cache")) == 0
+    return folder / "run"
+
+
+def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
+    m = _strict_json(finished / "metrics.json")  # strict JSON: values that do not exist are null
+    rounds = m["rounds"]
+    assert rounds[0]["round"] == 0 and rounds[-1]["position"] == m["stream"]["length"]  # all of it
+    assert len(rounds) >= 3
+    assert all(a["position"] <= b["position"] for a, b in zip(rounds, rounds[1:], strict=False))
+    assert set(m["final"]) == {"all", "old", "new", "phases"} and len(m["final"]["phases"]) == 2
+    assert len(m["forgetting"]["phases"]) == 2 and len(m["matrix"]) == len(rounds)
+    # the loop learned: old classes kept, new classes found and recognized (floors far below
+    # what the full schedule reaches, above what a model without discovery could score)
+    assert m["final"]["old"] >= 0.85
+    assert m["discovered"] >= 2 and m["final"]["new"] >= 0.4
+    for r in rounds[1:]:
+        assert r["promotion"]["decision"] in ("promoted", "kept", "nothing to learn", "nothing pooled",
+                                              "refused")
+        for verdict in r["accepted"] + r["rejected"]:
+            assert verdict["accepted"] == (not verdict["reasons"])
+
+
+def test_every_version_is_written_once_with_its_lineage(finished):
+    m = _strict_json(finished / "metrics.json")
+    versions = sorted((finished / "versions").iterdir(), key=lambda f: int(f.name[1:]))
+    assert [v.name for v in versions] == [f"v{i}" for i in range(m["version"] + 1)]
+    for i, folder in enumerate(versions):
+        table = _strict_json(folder / "classes.json")
+        assert table["parent"] == (None if i == 0 else i - 1) and (folder / "model.pt").is_file()
+        assert len(table["classes"]) == 5 + sum(c["origin"] != "labeled" for c in table["classes"])
+    final_table = _strict_json(versions[-1] / "classes.json")["classes"]
+    assert len(final_table) == 5 + m["discovered"]
+    assert all(c["name"].startswith("new-") and c["pseudo_labels"] > 0
+               for c in final_table if c["origin"] != "labeled")
+
+
+def test_a_finished_run_started_again_rewrites_nothing(finished, tmp_path):
+    before = {f: f.stat().st_mtime_ns for f in (finished / "versions").rglob("*") if f.is_file()}
+    first = _strict_json(finished / "metrics.json")
+    assert main(_argv(finished, tmp_path / "cache")) == 0
+    after = {f: f.stat().st_mtime_ns for f in (finished / "versions").rglob("*") if f.is_file()}
+    assert after == before
+    again = _strict_json(finished / "metrics.json")
+    assert again["matrix"] == first["matrix"] and again["classes"] == first["classes"]
+
+
+def test_the_report_links_plots_that_exist(finished):
+    import re
+
+    report = (finished / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert set(linked) == {"accuracy_per_round.png", "classes.png", "pool.png"}
+    assert all((finished / name).is_file() for name in linked)
+    assert "## Lineage" in report and "| v0 | – | 0 |" in report
+
+
+def _comparable(metrics: dict) -> dict:
+    """Metrics without wall-clock times."""
+    out = {k: v for k, v in metrics.items() if k != "seconds"}
+    out["rounds"] = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics["rounds"]]
+    return out
+
+
+def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "components.run", "--quiet"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(command + _argv(reference, tmp_path / "cache-a"), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    # the same run, SIGKILLed once round 1 is saved (it is then inside round 2), then started again
+    process = subprocess.Popen(command + _argv(killed, tmp_path / "cache-b"), cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((killed / "loop").glob("state_loop_[1-9]*.pt")):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "metrics.json").exists()
+    resumed = subprocess.run(command[:-1] + _argv(killed, tmp_path / "cache-b"), cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after round" in resumed.stderr
+    expected = _comparable(_strict_json(reference / "metrics.json"))
+    assert _comparable(_strict_json(killed / "metrics.json")) == expected
+    assert len(list((killed / "loop").glob("state_*.pt"))) == 1  # the checkpoint handler kept one

@@ -1,0 +1,253 @@
+"""The continual loop's components: phased streams and distractors, the exemplar memory
+(herding), the density estimate of k (0 included), the cluster acceptance rule, the promotion
+gate, and the continual metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+
+from components.acceptance import ClusterAcceptance, PromotionGate, jaccard_stability
+from components.data import Distractors, ImageSet, make_protocol
+from components.kmeans import SemiSupervisedKMeans
+from components.memory import ExemplarMemory, herding
+from components.metrics import cluster_truth, continual_summary, grouped_accuracy
+
+# ------------------------------------------------------------------------------- phased streams
+
+
+def _indexed_set(sizes, seed=0) -> ImageSet:
+    """Images that encode their own row (two bytes), classes interleaved."""
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+    labels = np.random.default_rng(seed).permutation(labels)
+    idx = np.arange(len(labels))
+    images = np.zeros((len(labels), 1, 1, 2), dtype=np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = idx // 256, idx % 256
+    names = [f"c{c}" for c in range(len(sizes))]
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), names, "idx")
+
+
+def _decode(images: torch.Tensor) -> np.ndarray:
+    pixels = images.numpy().astype(np.int64)
+    return pixels[:, 0, 0, 0] * 256 + pixels[:, 0, 0, 1]
+
+
+def test_phased_stream_follows_the_rule():
+    train = _indexed_set([40, 41, 38, 39, 44, 37])
+    test = _indexed_set([3] * 6, seed=1)
+    p = make_protocol(source=None, phases=[[4, 0, 2], [1], [3, 5]], ratio=4, seed=0,
+                      source_sets=(train, test))
+    # remapped ids: old 4, 0, 2 -> 0, 1, 2 (rank order as given); phase 1: 1 -> 3; phase 2: 3, 5 -> 4, 5
+    assert p.phases == [[0, 1, 2], [3], [4, 5]] and p.n_old == 3 and p.n_new == 3
+    assert p.class_names == ["c4", "c0", "c2", "c1", "c3", "c5"]
+    ends = [0, *p.segment_ends]
+    assert ends[-1] == len(p.stream)
+    seg = [p.stream.targets[a:b].numpy() for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    second_half = {c: int(n) - int(n) // 2 for c, n in enumerate([40, 41, 38, 39, 44, 37])}
+    # old classes and phase-1 classes are split evenly over both segments; phase 2 only in segment 2
+    for new_id, orig in ((0, 4), (1, 0), (2, 2), (3, 1)):
+        counts = [int((s == new_id).sum()) for s in seg]
+        assert sum(counts) == second_half[orig] and abs(counts[0] - counts[1]) <= 1
+    for new_id, orig in ((4, 3), (5, 5)):
+        assert (seg[0] == new_id).sum() == 0 and (seg[1] == new_id).sum() == second_half[orig]
+    # every stream image is a second-half image of its class, none is labeled
+    rows = _decode(p.stream.images)
+    assert len(set(rows)) == len(rows) and not set(rows) & set(_decode(p.labeled.images))
+
+
+def test_distractors_are_a_share_of_every_segment_with_target_minus_one():
+    train = _indexed_set([60] * 4)
+    p = make_protocol(source=None, phases=[[0, 1], [2], [3]], ratio=1, seed=0, distractor_fraction=0.1,
+                      source_sets=(train, _indexed_set([2] * 4, 1)))
+    ends = [0, *p.segment_ends]
+    for a, b in zip(ends[:-1], ends[1:], strict=True):
+        share = float((p.stream.targets[a:b] == -1).float().mean())
+        assert share == pytest.approx(0.1, abs=0.02)
+    assert p.stream.images.dtype == torch.uint8 and p.stream.images.shape[1:] == (1, 1, 2)
+
+
+def test_distractor_kinds_look_like_their_name():
+    rng = np.random.default_rng(0)
+    images = Distractors(kinds=("noise", "blank", "saturated", "other"))(8, (1, 8, 8), rng)
+    noise, blank, saturated, photo = images[0], images[1], images[2], images[3]
+    assert noise.float().std() > 50  # uniform noise
+    assert blank.max() < 16 and blank.float().std() == 0
+    assert saturated.min() >= 240 and saturated.float().std() == 0
+    assert photo.float().std() > 0  # a crop of a photograph
+    with pytest.raises(ValueError, match="unknown distractor kinds"):
+        Distractors(kinds=("static",))
+
+
+def test_bad_phases_are_refused_with_the_reason():
+    train = _indexed_set([20] * 4)
+    sets = (train, train)
+    with pytest.raises(ValueError, match="more than one phase"):
+        make_protocol(source=None, phases=[[0, 1], [1, 2]], source_sets=sets)
+    with pytest.raises(ValueError, match="not both"):
+        make_protocol(source=None, phases=[[0, 1], [2]], new_classes=[2], source_sets=sets)
+    with pytest.raises(ValueError, match="do not occur"):
+        make_protocol(source=None, phases=[[0, 1], [9]], source_sets=sets)
+    with pytest.raises(ValueError, match="distractor_fraction"):
+        make_protocol(source=None, new_classes=[3], distractor_fraction=1.0, source_sets=sets)
+
+
+# ------------------------------------------------------------------------------- memory
+
+
+def test_herding_mean_tracks_the_class_mean_better_than_random():
+    x = np.random.default_rng(0).normal(size=(300, 8)) + 3.0
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    order = herding(x, 10)
+    herd_gap = np.linalg.norm(unit[order].mean(0) - unit.mean(0))
+    rng = np.random.default_rng(1)
+    random_gaps = [np.linalg.norm(unit[rng.choice(300, 10, replace=False)].mean(0) - unit.mean(0))
+                   for _ in range(50)]
+    assert len(set(order)) == 10 and herd_gap < np.percentile(random_gaps, 5)
+
+
+def test_memory_shares_its_budget_and_shrinks_by_herding_order():
+    memory = ExemplarMemory(budget=12)
+    rng = np.random.default_rng(0)
+    keys0 = np.stack([np.zeros(20, int), np.arange(20)], 1)
+    memory.add_class(0, keys0, rng.normal(size=(20, 4)))
+    first = memory.items()[0].copy()
+    assert len(memory) == 12
+    memory.add_class(1, np.stack([np.ones(3, int), np.arange(3)], 1), rng.normal(size=(3, 4)))  # fewer than 6
+    keys, targets = memory.items()
+    assert (targets == 0).sum() == 6 and (targets == 1).sum() == 3
+    np.testing.assert_array_equal(keys[targets == 0], first[:6])  # the first six of the herding order
+    restored = ExemplarMemory(budget=1)
+    restored.load_state_dict(memory.state_dict())
+    np.testing.assert_array_equal(restored.items()[0], keys)
+    with pytest.raises(ValueError, match="no candidate"):
+        memory.add_class(2, np.zeros((0, 2), int), np.zeros((0, 4)))
+
+
+# ------------------------------------------------------------------------------- k by density
+
+
+def _anchored_blobs(n_old=3, n_new=2, seed=0):
+    x, y = make_blobs(n_samples=[60] * (n_old + n_new), n_features=8, cluster_std=0.6, random_state=seed,
+                      center_box=(-12, 12))
+    labeled = np.isin(y, range(n_old))
+    return x[labeled].astype(np.float32), y[labeled], x[~labeled].astype(np.float32), y[~labeled]
+
+
+def test_density_estimate_finds_the_new_groups_and_zero_when_there_are_none():
+    x_l, y_l, x_new, y_new = _anchored_blobs()
+    rng = np.random.default_rng(0)
+    # a few old-class look-alikes (about 5 per class: fewer than a dense group needs)
+    lookalikes = x_l[rng.choice(len(x_l), 15, replace=False)] + rng.normal(0, 0.1, (15, 8)).astype(np.float32)
+    labeler = SemiSupervisedKMeans(k_new=None, estimate="density", normalize=False, min_cluster_size=10)
+    result = labeler(np.concatenate([x_new, lookalikes]), x_l, y_l, n_old=3)
+    assert result.k_estimate == 2 and len(result.centroids) == 5
+    truth = np.concatenate([y_new, np.full(15, -1)])
+    for c in (3, 4):  # each new group is one pure cluster
+        assert len(set(truth[result.labels == c].tolist())) == 1
+    # a pool of old-class look-alikes and scattered noise grows nothing
+    noise = rng.uniform(-40, 40, (12, 8)).astype(np.float32)
+    nothing = labeler(np.concatenate([lookalikes, noise]), x_l, y_l, n_old=3)
+    assert nothing.k_estimate == 0 and len(nothing.centroids) == 3
+    assert set(nothing.labels[:15].tolist()) <= {0, 1, 2}  # the look-alikes go to their classes
+    # with `novel`, groups are looked for among the flagged samples only
+    only_first = labeler(x_new, x_l, y_l, n_old=3, novel=y_new == 3)
+    assert only_first.k_estimate == 1
+
+
+# ------------------------------------------------------------------------------- acceptance
+
+
+def test_jaccard_stability_is_one_for_a_fixed_partition_and_low_for_a_random_one():
+    labels = np.repeat([3, 4], 50)
+    same = jaccard_stability(labels, [3, 4], lambda idx: labels[idx], 5, 0.8, np.random.default_rng(0))
+    np.testing.assert_allclose(same, 1.0)
+    rng = np.random.default_rng(1)
+    shuffled = jaccard_stability(labels, [3, 4], lambda idx: rng.integers(3, 5, len(idx)), 5, 0.8, rng)
+    assert (shuffled < 0.6).all()
+
+
+def test_acceptance_keeps_a_new_class_and_rejects_small_unstable_and_known_clusters():
+    x_l, y_l, x_new, y_new = _anchored_blobs()
+    labeler = SemiSupervisedKMeans(k_new=3, normalize=False, n_init=3)
+    # the pool: new class 3, the fringe of known class 0, and 6 stray points together
+    rng = np.random.default_rng(0)
+    offset = np.zeros(8, np.float32)
+    offset[0] = 1.0  # about 0.6 of class 0's radius (blob std 0.6 in 8-d: mean distance ~1.7)
+    fringe = x_l[y_l == 0].mean(0) + offset + rng.normal(0, 0.05, (30, 8)).astype(np.float32)
+    stray = rng.normal(0, 0.5, (6, 8)).astype(np.float32) + 20.0  # a small group far away
+    pool = np.concatenate([x_new[y_new == 3], fringe, stray])
+    result = labeler.cluster(pool, x_l, y_l, 3, 3, seeds=np.stack([pool[:60].mean(0), fringe.mean(0),
+                                                                    stray.mean(0)]))
+    rule = ClusterAcceptance(min_size=10, min_stability=0.6, min_separation=1.0, min_novel_share=0.5)
+    novel = np.ones(len(pool), bool)
+    novel[60:90] = False  # the model was sure of the known class's fringe
+    verdicts = rule(result, pool, x_l, y_l, 3, lambda idx: labeler.cluster(pool[idx], x_l, y_l, 3, 3).labels,
+                    novel=novel)
+    by_cluster = {v.cluster: v for v in verdicts}
+    assert by_cluster[3].accepted and by_cluster[3].size >= 60
+    assert not by_cluster[4].accepted and any("radii of known class 0" in r for r in by_cluster[4].reasons)
+    assert any("novel" in r for r in by_cluster[4].reasons)
+    assert not by_cluster[5].accepted and any("fewer than 10" in r for r in by_cluster[5].reasons)
+
+
+def test_acceptance_rejects_an_off_domain_cloud_when_asked():
+    x_l, y_l, x_new, y_new = _anchored_blobs()
+    far = np.random.default_rng(0).normal(0, 0.5, (40, 8)).astype(np.float32) + 400.0
+    pool = np.concatenate([x_new[y_new == 3], far])
+    labeler = SemiSupervisedKMeans(k_new=2, normalize=False, n_init=2)
+    result = labeler.cluster(pool, x_l, y_l, 3, 2, seeds=np.stack([pool[:60].mean(0), far.mean(0)]))
+    recluster = lambda idx: labeler.cluster(pool[idx], x_l, y_l, 3, 2).labels  # noqa: E731
+    verdicts = ClusterAcceptance(min_size=10, max_separation=5.0)(result, pool, x_l, y_l, 3, recluster)
+    assert [v.accepted for v in verdicts] == [True, False]
+    assert "outside their domain" in verdicts[1].reasons[-1]
+
+
+# ------------------------------------------------------------------------------- the gate
+
+
+def test_gate_refuses_a_significant_drop_and_lets_noise_through():
+    gate = PromotionGate(max_drop=0.02, z=1.64)
+    current = np.ones(200, bool)
+    slightly = current.copy()
+    slightly[:4] = False  # 2 points lower: 4 discordant images, well within the noise
+    assert gate(current, slightly)[0]
+    worse = current.copy()
+    worse[:30] = False  # 15 points lower
+    promoted, why = gate(current, worse)
+    assert not promoted and "30 images lost" in why and "current model stays" in why
+    better = current.copy()
+    better[:10], current[10:20] = False, False  # as many lost as gained: no drop
+    assert gate(current, better)[0]
+    with pytest.raises(ValueError, match="same held-out images"):
+        gate(current, current[:5])
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+def test_grouped_accuracy_uses_one_assignment_over_the_seen_classes():
+    y_true = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    y_pred = np.array([0, 0, 1, 1, 7, 7, 2, 3])  # class 2 found as output 7; class 3 half right
+    out = grouped_accuracy(y_true, y_pred, {"old": [0, 1], "phase 1": [2, 3]})
+    assert out["all"] == pytest.approx(7 / 8) and out["old"] == 1.0 and out["phase 1"] == pytest.approx(3 / 4)
+    unseen = grouped_accuracy(y_true, y_pred, {"old": [0, 1], "phase 2": [9]})
+    assert unseen["phase 2"] is None and unseen["all"] == 1.0
+
+
+def test_continual_summary_final_average_and_forgetting():
+    matrix = [{"all": 0.9, "old": 0.9, "phase 1": None},
+              {"all": 0.8, "old": 0.95, "phase 1": 0.6},
+              {"all": 0.85, "old": 0.92, "phase 1": 0.7}]
+    out = continual_summary(matrix, ["old", "phase 1"])
+    assert out["final"]["all"] == 0.85
+    assert out["average_incremental"] == pytest.approx((0.9 + 0.8 + 0.85) / 3)
+    assert out["forgetting"]["old"] == pytest.approx(3.0)  # best earlier 95 %, final 92 %
+    assert out["forgetting"]["phase 1"] == pytest.approx(-10.0)  # it improved
+    assert continual_summary(matrix[:1], ["old"])["forgetting"]["old"] is None
+
+
+def test_cluster_truth_names_the_majority_and_the_distractor_share():
+    out = cluster_truth(np.array([5, 5, 5, -1]))
+    assert out == {"majority": 5, "purity": 0.75, "distractors": 0.25}
