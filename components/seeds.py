@@ -45,6 +45,8 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Mean, std and per-seed values of each reported metric; a long-tail run reports every
     method's overall, many / medium / few and tail-3 accuracy (``"<method>.<metric>"``), a
     novelty run every score's AUROC, FPR95, AUPRs and pool precision / recall."""
+    if runs[0].get("graph") == "continual":
+        return _continual_summary(runs)
     if "assigned_new" in runs[0]:
         out = {f"stream.{k}": _stats([r["stream"][k] for r in runs]) for k in runs[0]["stream"]}
         for k in ("precision", "recall"):
@@ -73,9 +75,32 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _continual_summary(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """The continual loop's final accuracies (all, old, new, each phase), forgetting in points,
+    average incremental accuracy, discovered / duplicate / spurious counts and seconds; a value
+    that does not exist in a run (null) is left out of that metric's statistics."""
+    def stats(values):
+        kept = [v for v in values if v is not None]
+        return _stats(kept) if kept else {"mean": None, "std": None, "values": []}
+
+    out = {f"final.{k}": stats([r["final"][k] for r in runs]) for k in ("all", "old", "new")}
+    for i in range(len(runs[0]["final"]["phases"])):
+        out[f"final.phase{i + 1}"] = stats([r["final"]["phases"][i] for r in runs])
+    out["forgetting.old"] = stats([r["forgetting"]["old"] for r in runs])
+    for i in range(len(runs[0]["forgetting"]["phases"])):
+        out[f"forgetting.phase{i + 1}"] = stats([r["forgetting"]["phases"][i] for r in runs])
+    out["average_incremental"] = stats([r["average_incremental"] for r in runs])
+    for key in ("discovered", "duplicates", "spurious", "seconds"):
+        out[key] = stats([r[key] for r in runs])
+    return out
+
+
 def _fmt(name: str, value: float) -> str:
     """Seconds as they are, AUROC / FPR95 / AUPR as fractions, everything else as a percentage."""
-    if name in ("seconds", "k_new", "k_estimated"):
+    if value is None:
+        return "–"
+    if name in ("seconds", "k_new", "k_estimated", "discovered", "duplicates", "spurious") \
+            or name.startswith("forgetting"):
         return f"{value:.1f}"
     fractions = ("auroc", "fpr95", "aupr", "nmi", "ari")
     return f"{value:.3f}" if any(k in name for k in fractions) else f"{100 * value:.1f}"

@@ -132,3 +132,16 @@ def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_pat
     expected = _comparable(_strict_json(reference / "metrics.json"))
     assert _comparable(_strict_json(killed / "metrics.json")) == expected
     assert len(list((killed / "loop").glob("state_*.pt"))) == 1  # the checkpoint handler kept one
+
+
+def test_seeds_summarizes_continual_runs(finished):
+    from components.seeds import summarize
+
+    m = _strict_json(finished / "metrics.json")
+    other = json.loads(json.dumps(m))
+    other["final"]["all"], other["forgetting"]["old"] = 0.5, None
+    out = summarize([m, other])
+    assert out["final.all"]["values"] == [m["final"]["all"], 0.5]
+    assert {"final.phase1", "final.phase2", "forgetting.old", "discovered", "spurious"} <= set(out)
+    expected = [] if m["forgetting"]["old"] is None else [m["forgetting"]["old"]]
+    assert out["forgetting.old"]["values"] == expected  # a null is left out, not averaged as 0
