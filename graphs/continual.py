@@ -236,6 +236,8 @@ class ContinualLoop:
         Checkpoint.load_objects({"loop": self.state}, state)  # one object: saved flat, beside ...
         checkpoint.load_state_dict(state["checkpointer"])  # ... the handler's own list (include_self)
         self.model = self._load_version(self.state.version)
+        if isinstance(self.score, Score):  # Mahalanobis, kNN: fit again on the memory, as before
+            self.score.fit(scaled(self._encode(self.model, self._memory_images()), self.state.temperature))
         log.info(f"resuming after round {self.state.round}: stream position {self.state.position}, "
                  f"version v{self.state.version}, {len(self.state.classes)} classes, "
                  f"{len(self.state.pool)} pooled")

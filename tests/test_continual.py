@@ -112,10 +112,11 @@ def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "components.run", "--quiet"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(command + _argv(reference, tmp_path / "cache-a"), cwd=ROOT, env=env, check=True,
+    score = "continual.score = @Mahalanobis()"  # a score fitted on the memory: resuming must refit it
+    subprocess.run(command + _argv(reference, tmp_path / "cache-a", score), cwd=ROOT, env=env, check=True,
                    capture_output=True)
     # the same run, SIGKILLed once round 1 is saved (it is then inside round 2), then started again
-    process = subprocess.Popen(command + _argv(killed, tmp_path / "cache-b"), cwd=ROOT, env=env,
+    process = subprocess.Popen(command + _argv(killed, tmp_path / "cache-b", score), cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list((killed / "loop").glob("state_loop_[1-9]*.pt")):
@@ -125,7 +126,7 @@ def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_pat
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "metrics.json").exists()
-    resumed = subprocess.run(command[:-1] + _argv(killed, tmp_path / "cache-b"), cwd=ROOT, env=env,
+    resumed = subprocess.run(command[:-1] + _argv(killed, tmp_path / "cache-b", score), cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after round" in resumed.stderr
