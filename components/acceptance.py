@@ -7,9 +7,10 @@ be undone, so :class:`ClusterAcceptance` keeps a cluster only when it is
 * **big enough**: at least ``min_size`` pooled samples;
 * **stable**: its clusterwise Jaccard stability (Hennig, *Cluster-wise assessment of cluster
   stability*, CSDA 2007) is at least ``min_stability``: the pool is subsampled (``fraction``,
-  ``resamples`` times) and re-clustered with the same number of clusters from fresh k-means++
-  starts; in each, the cluster's best Jaccard overlap with a new cluster is taken, and the mean
-  is its stability (Hennig: below 0.5 the cluster "dissolves", above 0.75 it is stable);
+  ``resamples`` times) and each subsample is clustered again by the caller's ``recluster`` (the
+  continual loop runs the whole procedure again: k estimated anew, seeded anew); in each, the
+  cluster's best Jaccard overlap with a cluster of the new clustering is taken, and the mean is
+  its stability (Hennig: below 0.5 the cluster "dissolves", above 0.75 it is stable);
 * **apart from the known classes**: its centroid lies farther from the nearest known-class
   mean than ``min_separation`` times that class's radius (the mean distance of its labeled
   samples to their mean; the median radius for a class with fewer than ``min_size`` of them,
@@ -68,6 +69,8 @@ def jaccard_stability(labels: np.ndarray, clusters: list[int], recluster: Callab
     of its best Jaccard overlap with a cluster of the re-clustering."""
     n = len(labels)
     total = np.zeros(len(clusters))
+    if n < 2:
+        return total  # nothing to resample: no evidence of stability
     for _ in range(resamples):
         index = np.sort(rng.choice(n, max(2, int(round(fraction * n))), replace=False))
         again = np.asarray(recluster(index))
@@ -87,8 +90,8 @@ def jaccard_stability(labels: np.ndarray, clusters: list[int], recluster: Callab
 @gin.configurable
 class ClusterAcceptance:
     """The rule of the module docstring. Call it with the clustering, the unlabeled (pool) and
-    labeled features in the labeler's geometry, and ``recluster(index) -> labels`` that
-    re-clusters ``x_u[index]`` with the same number of clusters."""
+    labeled features in the labeler's geometry, and ``recluster(index) -> labels`` that clusters
+    ``x_u[index]`` again (the same procedure, or the same number of clusters)."""
 
     def __init__(self, min_size: int = 10, min_stability: float = 0.6, min_separation: float = 1.0,
                  max_separation: float | None = None, min_novel_share: float = 0.5,
@@ -179,11 +182,11 @@ class PromotionGate:
     (never the test set) with plain accuracy: output ``c`` must be class ``c`` (a Hungarian
     remap could hide a student that swapped two old classes).
 
-    The student is refused when its accuracy is lower by more than ``max_drop`` **and** the
-    drop is significant in McNemar's paired test (the two models see the same images): with
-    ``b`` images only the current model gets right and ``c`` only the student, the drop
-    ``(b - c) / n`` must exceed ``max_drop + z · sqrt(b + c) / n``. On a few dozen held-out
-    images one image is more than a point, so a plain bound would refuse students for noise.
+    The student is refused when its drop in accuracy exceeds ``max_drop`` by more than the
+    noise of a paired measurement (McNemar's test; the two models see the same images): with
+    ``b`` images only the current model gets right and ``c`` only the student, it is refused
+    when ``(b - c) / n > max_drop + z · sqrt(b + c) / n``. On a few dozen held-out images one
+    image is more than a point, so a plain bound would refuse students for noise.
     """
 
     def __init__(self, max_drop: float = 0.02, z: float = 1.64) -> None:

@@ -20,10 +20,11 @@ them. Every later round
 
 The stream's end triggers a final round on what is pooled. The loop is an Ignite ``Engine``
 with one iteration per round and events of its own (:class:`LoopEvents`); after every round
-its state (round, stream position, pool, memory, class table, current version, the rows so far)
-is saved with Ignite's ``Checkpoint``, so a run started again on the same run folder continues
-after the last finished round and ends as an uninterrupted run would. Every round re-seeds from
-``(seed, round)``, which is what makes that possible.
+its state (round, stream position, pool, memory, class table, the current model, the rows so
+far) is saved with Ignite's ``Checkpoint``, then the version it names is written, so a run
+started again on the same run folder continues after the last finished round and ends as an
+uninterrupted run would. Every round re-seeds from ``(seed, round)``, which is what makes that
+possible. A finished run started again writes nothing.
 """
 
 from __future__ import annotations
@@ -55,9 +56,8 @@ from components.pool import SamplePool
 from components.scores import Score
 from graphs.encode import encode
 from graphs.handlers import RunDir, describe, log
-from graphs.lifecycle import pool_threshold
 from graphs.novelty import FIVE_PERCENT_FALSE_ALARMS, scaled, temperature_of
-from graphs.online import online
+from graphs.online import online, score_outputs
 from graphs.train import adapt, distill, train
 
 
@@ -71,10 +71,14 @@ class LoopEvents(EventEnum):
 
 
 class LoopState:
-    """Everything a round needs from the ones before, saved after every round."""
+    """Everything a round needs from the ones before, saved after every round: the current
+    model's weights with it, so a version folder is only ever written from saved state."""
 
     def __init__(self, pool: SamplePool, memory: ExemplarMemory) -> None:
         self.pool, self.memory = pool, memory
+        self.model: nn.Module | None = None  # the current version
+        self.weights: dict | None = None  # its weights, as loaded, until the model is rebuilt
+        self.elapsed = 0.0  # seconds spent on the finished rounds, across restarts
         self.round = 0  # the last finished round
         self.position = 0  # stream samples consumed
         self.version = 0
@@ -87,6 +91,7 @@ class LoopState:
 
     def state_dict(self) -> dict:
         return {"round": self.round, "position": self.position, "version": self.version,
+                "model": self.model.state_dict(), "elapsed": self.elapsed,
                 "threshold": self.threshold, "temperature": self.temperature, "done": self.done,
                 "classes": json.dumps(self.classes), "rounds": json.dumps(self.rounds),
                 "trace": torch.tensor(self.trace, dtype=torch.long).reshape(-1, 2),
@@ -98,6 +103,7 @@ class LoopState:
         self.threshold, self.temperature = state["threshold"], float(state["temperature"])
         self.classes, self.rounds = json.loads(state["classes"]), json.loads(state["rounds"])
         self.trace = state["trace"].tolist()
+        self.weights, self.elapsed = state["model"], float(state["elapsed"])
         self.pool.load_state_dict(state["pool"])
         self.memory.load_state_dict(state["memory"])
 
@@ -144,7 +150,8 @@ def continual(
     (and write) its metrics; see :class:`ContinualLoop` for the parameters."""
     loop = ContinualLoop(
         run_dir, data(), model, augment, score, pool, labeler, cache,
-        memory or ExemplarMemory(), accept or ClusterAcceptance(), gate or PromotionGate(),
+        ExemplarMemory() if memory is None else memory, ClusterAcceptance() if accept is None else accept,
+        PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, discover_on, keep_fraction,
         self_training, max_unlabeled, pool_age, max_rounds, seed)
     return loop.run()
@@ -186,13 +193,21 @@ class ContinualLoop:
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
         self.device = idist.device()
         self.state = LoopState(pool, memory)
-        self.model: nn.Module | None = None
-        self.histories: dict[str, list] = {}
+        self.histories: dict[str, list] = {}  # training curves of this process's stages
+        self._clock = time.perf_counter()
+
+    @property
+    def model(self) -> nn.Module:
+        """The current version."""
+        return self.state.model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self.state.model = model
 
     # ------------------------------------------------------------------ the loop as an engine
 
     def run(self) -> dict:
-        started = time.perf_counter()
         p = self.protocol
         log.info(f"[bold]{p.name}[/]: {p.n_old} old classes ({len(p.labeled)} labeled images), "
                  f"{p.n_new} new in {len(p.phases) - 1} phase(s); stream {len(p.stream)} in "
@@ -201,24 +216,34 @@ class ContinualLoop:
         saver = DiskSaver(self.run_dir.file("loop"), require_empty=False)
         checkpoint = Checkpoint({"loop": self.state}, saver, filename_prefix="state", n_saved=1,
                                 global_step_transform=lambda *_: self.state.round, include_self=True)
+
+        def save(engine: Engine) -> None:  # the state first, then the version it names
+            now = time.perf_counter()
+            self.state.elapsed += now - self._clock
+            self._clock = now
+            checkpoint(engine)
+            self._write_version()
+
+        finished = self.run_dir.path / "metrics.json"
         resumed = self._resume(saver.dirname, checkpoint)
+        if resumed and self.state.done and finished.exists():
+            log.info(f"{self.run_dir.path} holds a finished run: nothing to do, nothing written")
+            return json.loads(finished.read_text())
+        engine = Engine(lambda engine, r: self._round(engine, r))
+        engine.register_events(*LoopEvents)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, save)
+        engine.add_event_handler(Events.ITERATION_COMPLETED,
+                                 lambda e: e.terminate() if self.state.done else None)
         if not resumed:
             self._round_zero()
+            save(engine)  # round 0, before the first online step
+        if not self.state.done and self.state.round < self.max_rounds:
+            engine.run(range(self.state.round + 1, self.max_rounds + 1))
         if not self.state.done:
-            engine = Engine(lambda engine, r: self._round(engine, r))
-            engine.register_events(*LoopEvents)
-            engine.add_event_handler(Events.ITERATION_COMPLETED, checkpoint)
-            engine.add_event_handler(Events.ITERATION_COMPLETED,
-                                     lambda e: e.terminate() if self.state.done else None)
-            if not resumed:
-                checkpoint(engine)  # round 0, before the first online step
-            if self.state.round < self.max_rounds:
-                engine.run(range(self.state.round + 1, self.max_rounds + 1))
-            if not self.state.done:
-                self.state.done = True
-                log.warning(f"[yellow]stopped after max_rounds = {self.max_rounds} with "
-                            f"{len(p.stream) - self.state.position} stream samples left[/]")
-        metrics = self._metrics(time.perf_counter() - started)
+            self.state.done = True
+            log.warning(f"[yellow]stopped after max_rounds = {self.max_rounds} with "
+                        f"{len(p.stream) - self.state.position} stream samples left[/]")
+        metrics = self._metrics(self.state.elapsed + time.perf_counter() - self._clock)
         self.run_dir.save_operative_config()
         self.run_dir.write_json("metrics.json", metrics)
         from graphs.report import write_continual_report
@@ -227,15 +252,24 @@ class ContinualLoop:
         return metrics
 
     def _resume(self, folder: str, checkpoint: Checkpoint) -> bool:
-        """Load the last saved loop state and its current version, if the run folder has one
-        (and the checkpoint handler's own list, so it replaces that file after the next round)."""
+        """Load the last saved loop state and its model, if the run folder has one (and the
+        checkpoint handler's own list, so it replaces that file after the next round). A version
+        folder newer than the saved state was written by a round that did not finish: it goes,
+        and the round runs again."""
         saved = sorted(Path(folder).glob("state_*.pt"), key=lambda f: int(f.stem.split("_")[-1]))
         if not saved:
             return False
         state = torch.load(saved[-1], weights_only=True)
         Checkpoint.load_objects({"loop": self.state}, state)  # one object: saved flat, beside ...
         checkpoint.load_state_dict(state["checkpointer"])  # ... the handler's own list (include_self)
-        self.model = self._load_version(self.state.version)
+        self.model = self.make_model(num_classes=len(self.state.classes))
+        self.model.load_state_dict(self.state.weights)
+        self.model.to(self.device)
+        for folder in (self.run_dir.path / "versions").glob("v*"):
+            if folder.name[1:].isdigit() and int(folder.name[1:]) > self.state.version:
+                shutil.rmtree(folder)
+                log.info(f"removed versions/{folder.name}: its round did not finish and runs again")
+        self._write_version()  # in case the run stopped between the state and its version
         if isinstance(self.score, Score):  # Mahalanobis, kNN: fit again on the memory, as before
             self.score.fit(scaled(self._encode(self.model, self._memory_images()), self.state.temperature))
         log.info(f"resuming after round {self.state.round}: stream position {self.state.position}, "
@@ -262,7 +296,6 @@ class ContinualLoop:
             members = labeled["targets"] == c
             st.memory.add_class(c, keys[members], labeled["features"][members])
         self._fit_threshold()
-        self._write_version(0, 0, parent=None, decision="trained on the labeled classes")
         accuracy = self._evaluate()
         st.rounds.append({"round": 0, "start": 0, "position": 0, "trigger": None, "pooled": 0,
                           "k_estimated": None, "accepted": [], "rejected": [],
@@ -401,7 +434,6 @@ class ContinualLoop:
         st.pool.remove(pseudo_ids)
         st.version += 1
         self._fit_threshold()
-        self._write_version(st.version, r, parent=st.version - 1, decision=why)
 
     # ------------------------------------------------------------------ helpers
 
@@ -451,22 +483,26 @@ class ContinualLoop:
         return self.protocol.stream.subset(seen, f"{self.protocol.name}/seen")
 
     def _fit_threshold(self) -> None:
-        """Temperature and pool threshold for the current model, from held-out known-class
-        images; scores that need fitting (Mahalanobis, kNN) fit on the memory's exemplars."""
-        st, notes = self.state, []
+        """Temperature and pool threshold for the current model from the held-out known-class
+        images alone: the rule sees their scores and nothing of the stream (a rule that needs
+        the stream's labels, like ``PoolPrecision``, is refused). Scores that need fitting
+        (Mahalanobis, kNN) fit on the memory's exemplars, discovered classes included."""
+        st = self.state
         val = self._encode(self.model, self.protocol.val)
         st.temperature = 1.0
         if self.temperature_scaling:
             st.temperature, why = temperature_of(val)
-            notes += [why] if why else []
-        memory = scaled(self._encode(self.model, self._memory_images()), st.temperature)
-        stream = scaled(self._encode(self.model, self.protocol.stream), st.temperature)
-        # the held-out images are labeled with their class; every known class counts as "old"
-        st.threshold = pool_threshold(self.score, memory, scaled(val, st.temperature), stream,
-                                      len(st.classes), self.threshold_rule, notes)
+            if why:
+                log.warning(f"[yellow]{why}[/]")
+        if isinstance(self.score, Score):
+            self.score.fit(scaled(self._encode(self.model, self._memory_images()), st.temperature))
+        known = score_outputs(self.score, scaled(val, st.temperature)).numpy()
+        try:
+            st.threshold = float(self.threshold_rule(known))
+        except ValueError as error:
+            raise ValueError(f"the continual loop's threshold rule must work from held-out known-class "
+                             f"scores alone ({self.threshold_rule!r}: {error})") from None
         st.pool.threshold = st.threshold
-        for note in notes:
-            log.warning(f"[yellow]{note}[/]")
 
     def _val_correct(self, model: nn.Module) -> np.ndarray:
         """Which held-out known-class images ``model`` gets right (output c is class c, no remap)."""
@@ -499,32 +535,27 @@ class ContinualLoop:
         accuracy.setdefault("new", None)
         return _finite(accuracy)
 
-    def _load_version(self, version: int) -> nn.Module:
-        folder = self.run_dir.path / "versions" / f"v{version}"
-        classes = json.loads((folder / "classes.json").read_text())["classes"]
-        model = self.make_model(num_classes=len(classes))
-        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-        return model.to(self.device)
-
-    def _write_version(self, version: int, round_: int, parent: int | None, decision: str) -> None:
-        """``versions/v<n>/``: the model's weights, its class table (with the parent version)
-        and its held-out and test accuracy. Written to a temporary folder and renamed into
-        place; a finished version is never rewritten (a resumed round that reaches it again
-        leaves it as it is)."""
-        folder = self.run_dir.file("versions") / f"v{version}"
+    def _write_version(self) -> None:
+        """``versions/v<n>/`` for the current version, once its state is saved: the model's
+        weights, its class table (with the parent version, the round and the decision that made
+        it) and its held-out accuracy. Written to a temporary folder and renamed into place; a
+        version that exists is finished and never rewritten."""
+        st = self.state
+        folder = self.run_dir.file("versions") / f"v{st.version}"
         if (folder / "classes.json").exists():
-            log.info(f"versions/v{version} is already written: left as it is")
             return
-        tmp = folder.with_name(f".v{version}.tmp")
+        made = next(r for r in reversed(st.rounds) if r["version"] == st.version and
+                    r["promotion"]["decision"] in ("v0", "promoted"))
+        tmp = folder.with_name(f".v{st.version}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save(self.model.state_dict(), tmp / "model.pt")
-        table = {"version": version, "parent": parent, "round": round_,
-                 "decision": decision, "classes": self.state.classes}
+        table = {"version": st.version, "parent": st.version - 1 if st.version else None,
+                 "round": made["round"], "decision": made["promotion"]["why"], "classes": st.classes}
         (tmp / "classes.json").write_text(json.dumps(_finite(table), indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(_finite({
-            "val_accuracy": self._val_accuracy(self.model), "threshold": self.state.threshold,
-            "temperature": self.state.temperature}), indent=2) + "\n")
+            "val_accuracy": self._val_accuracy(self.model), "threshold": st.threshold,
+            "temperature": st.temperature}), indent=2) + "\n")
         tmp.rename(folder)
 
     # ------------------------------------------------------------------ the run's metrics

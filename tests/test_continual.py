@@ -75,20 +75,42 @@ def test_every_version_is_written_once_with_its_lineage(finished):
         table = _strict_json(folder / "classes.json")
         assert table["parent"] == (None if i == 0 else i - 1) and (folder / "model.pt").is_file()
         assert len(table["classes"]) == 5 + sum(c["origin"] != "labeled" for c in table["classes"])
+        # each version holds the labeled classes and every output promoted up to its round
+        promoted = sum(len(r.get("outputs", [])) for r in m["rounds"]
+                       if r["promotion"]["decision"] == "promoted" and r["round"] <= table["round"])
+        assert len(table["classes"]) == 5 + promoted
     final_table = _strict_json(versions[-1] / "classes.json")["classes"]
     assert len(final_table) == 5 + m["discovered"]
     assert all(c["name"].startswith("new-") and c["pseudo_labels"] > 0
                for c in final_table if c["origin"] != "labeled")
 
 
-def test_a_finished_run_started_again_rewrites_nothing(finished, tmp_path):
-    before = {f: f.stat().st_mtime_ns for f in (finished / "versions").rglob("*") if f.is_file()}
-    first = _strict_json(finished / "metrics.json")
+def _files(folder: Path) -> dict[Path, tuple[int, bytes]]:
+    return {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in folder.rglob("*") if f.is_file()}
+
+
+def test_a_finished_run_started_again_writes_nothing(finished, tmp_path):
+    before = _files(finished)
     assert main(_argv(finished, tmp_path / "cache")) == 0
-    after = {f: f.stat().st_mtime_ns for f in (finished / "versions").rglob("*") if f.is_file()}
-    assert after == before
-    again = _strict_json(finished / "metrics.json")
-    assert again["matrix"] == first["matrix"] and again["classes"] == first["classes"]
+    assert _files(finished) == before  # metrics, report, plots, versions, state: all untouched
+
+
+def test_a_version_newer_than_the_saved_state_is_removed_on_resume(finished, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    last = max(int(v.name[1:]) for v in (copy / "versions").iterdir())
+    stray = copy / "versions" / f"v{last + 1}"  # as if a round wrote it and died before its state
+    stray.mkdir()
+    (stray / "classes.json").write_text("{}")
+    assert main(_argv(copy, tmp_path / "cache")) == 0
+    assert not stray.exists() and (copy / "versions" / f"v{last}" / "classes.json").exists()
+
+
+def test_a_threshold_rule_that_reads_stream_labels_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="held-out known-class scores alone"):
+        main(_argv(tmp_path / "run", tmp_path / "cache", "continual.threshold = @PoolPrecision()"))
 
 
 def test_the_report_links_plots_that_exist(finished):
