@@ -20,11 +20,7 @@ be undone, so :class:`ClusterAcceptance` keeps a cluster only when it is
   cloud of noise or of another dataset's images, far from everything known, is not a class;
 * **varied**: its own radius at least ``min_tightness`` times the median known-class radius; a
   class has the variation of a class, a cluster of near copies (a flat frame, a frozen sensor)
-  does not;
-* **novel**, when the clustered samples include some the model was sure of (the loop may
-  cluster the whole seen stream, not only the pool): at least ``min_novel_share`` of its
-  members were scored as novel (pooled). A new class is mostly novel to the model; a split of
-  a known class is mostly not.
+  does not.
 
 A cluster that passes but lies within ``min_separation`` radii of a bigger cluster that passed is
 **merged** into it (one class found as two clusters in one round is one class). Rejected
@@ -52,7 +48,6 @@ class Verdict:
     stability: float
     separation: float  # distance to the nearest known-class mean / that class's radius
     spread: float  # that distance / the median distance between neighbouring known-class means
-    novel_share: float  # share of its members that were pooled (scored as novel)
     tightness: float  # its radius / the median known-class radius
     accepted: bool
     reasons: list[str]
@@ -94,9 +89,8 @@ class ClusterAcceptance:
     ``x_u[index]`` again (the same procedure, or the same number of clusters)."""
 
     def __init__(self, min_size: int = 10, min_stability: float = 0.6, min_separation: float = 1.0,
-                 max_separation: float | None = None, min_novel_share: float = 0.5,
-                 min_tightness: float = 0.0, merge: bool = True, resamples: int = 5,
-                 fraction: float = 0.8, seed: int = 0) -> None:
+                 max_separation: float | None = None, min_tightness: float = 0.0, merge: bool = True,
+                 resamples: int = 5, fraction: float = 0.8, seed: int = 0) -> None:
         if min_size < 1 or not 0 <= min_stability <= 1 or min_separation < 0 or resamples < 1:
             raise ValueError(f"need min_size >= 1, 0 <= min_stability <= 1, min_separation >= 0 and "
                              f"resamples >= 1, got {min_size}, {min_stability}, {min_separation}, "
@@ -105,15 +99,11 @@ class ClusterAcceptance:
             raise ValueError(f"the subsample fraction must be in (0, 1), got {fraction}")
         self.min_size, self.min_stability = min_size, min_stability
         self.min_separation, self.max_separation = min_separation, max_separation
-        self.min_novel_share, self.min_tightness, self.merge = min_novel_share, min_tightness, merge
+        self.min_tightness, self.merge = min_tightness, merge
         self.resamples, self.fraction, self.seed = resamples, fraction, seed
 
     def __call__(self, result: KMeansResult, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
-                 n_old: int, recluster: Callable[[np.ndarray], np.ndarray],
-                 novel: np.ndarray | None = None) -> list[Verdict]:
-        """Judge every new cluster of ``result``; ``novel`` marks the unlabeled samples that were
-        pooled (all of them when omitted)."""
-        novel = np.ones(len(x_u), bool) if novel is None else np.asarray(novel, bool)
+                 n_old: int, recluster: Callable[[np.ndarray], np.ndarray]) -> list[Verdict]:
         clusters = list(range(n_old, len(result.centroids)))
         if not clusters:
             return []
@@ -133,7 +123,6 @@ class ClusterAcceptance:
         for i, c in enumerate(clusters):
             members = result.labels == c
             size = int(members.sum())
-            novel_share = float(novel[members].mean()) if size else 0.0
             gaps = np.linalg.norm(means - result.centroids[c], axis=1)
             nearest = int(np.argmin(gaps))
             separation, spread = float(gaps[nearest] / radius[nearest]), float(gaps[nearest] / typical)
@@ -149,13 +138,11 @@ class ClusterAcceptance:
             if self.max_separation is not None and spread > self.max_separation:
                 reasons.append(f"{spread:.1f} times farther than known classes are from each other: "
                                "outside their domain")
-            if novel_share < self.min_novel_share:
-                reasons.append(f"only {100 * novel_share:.0f} % of it was novel to the model")
             if tightness < self.min_tightness:
                 reasons.append(f"its samples are near copies of one another (radius {tightness:.2f} of a "
                                "known class's)")
-            verdicts.append(Verdict(c, size, float(stability[i]), separation, spread, novel_share,
-                                    tightness, not reasons, reasons))
+            verdicts.append(Verdict(c, size, float(stability[i]), separation, spread, tightness,
+                                    not reasons, reasons))
         if self.merge:
             self._merge(verdicts, result, x_u)
         return verdicts

@@ -214,9 +214,7 @@ class SemiSupervisedKMeans:
       unlabeled samples in this geometry finds the dense groups of at least
       ``max(min_cluster_size, min_cluster_share · N)`` samples and calls the rest noise; k is the
       number of groups, **0 included** (a pool of stray samples grows nothing), and the new
-      centroids start at the groups' means. k-means then assigns every sample, noise too. With
-      ``novel`` given, the groups are looked for among those samples only (the continual loop
-      clusters the whole seen stream, but only what the model found novel may found a class).
+      centroids start at the groups' means. k-means then assigns every sample, noise too.
 
     ``overcluster=m`` makes ``m`` times as many new clusters (each a pseudo-class of its own).
 
@@ -246,7 +244,6 @@ class SemiSupervisedKMeans:
         min_cluster_share: float = 0.05,
         min_samples: int = 5,
         density_selection: str = "eom",
-        split_test: float | None = None,
     ) -> None:
         if k_new is not None and k_new < 1:
             raise ValueError(f"k_new must be >= 1 (or None to estimate it), got {k_new}")
@@ -268,17 +265,12 @@ class SemiSupervisedKMeans:
         self.min_samples = min_samples
         if density_selection not in ("eom", "leaf"):
             raise ValueError(f"density_selection must be 'eom' or 'leaf', got {density_selection!r}")
-        if split_test is not None and not 0 < split_test < 1:
-            raise ValueError(f"split_test is a significance level in (0, 1), got {split_test}")
-        self.density_selection, self.split_test = density_selection, split_test
+        self.density_selection = density_selection
 
     def __call__(
-        self, unlabeled: np.ndarray, labeled: np.ndarray, labeled_targets: np.ndarray, n_old: int,
-        novel: np.ndarray | None = None,
+        self, unlabeled: np.ndarray, labeled: np.ndarray, labeled_targets: np.ndarray, n_old: int
     ) -> KMeansResult:
-        """Cluster ``unlabeled`` with ``n_old`` clusters anchored by the labeled samples.
-        ``novel`` (``estimate="density"`` only) marks the unlabeled samples the dense groups are
-        looked for in, e.g. the pooled ones among a whole seen stream; all are assigned."""
+        """Cluster ``unlabeled`` with ``n_old`` clusters anchored by the labeled samples."""
         y_l = np.asarray(labeled_targets, dtype=np.int64)
         raw_u, raw_l = _check(unlabeled, "unlabeled"), _check(labeled, "labeled")
         if len(raw_u) == 0:
@@ -296,11 +288,10 @@ class SemiSupervisedKMeans:
         if x_l.shape[1] != x_u.shape[1]:
             raise ValueError(f"feature widths differ: labeled {x_l.shape[1]}, unlabeled {x_u.shape[1]}")
         if self.k_new is not None:
-            return self._fit(x_u, x_l, y_l, n_old, self.k_new * self.overcluster)
+            return self.cluster(x_u, x_l, y_l, n_old, self.k_new * self.overcluster)
         if self.estimate == "density":
-            among = x_u if novel is None else x_u[np.asarray(novel, bool)]
-            groups = self.dense_groups(among, x_l)
-            seeds = np.stack([among[groups == g].mean(0) for g in range(groups.max() + 1)]) \
+            groups = self.dense_groups(x_u, x_l)
+            seeds = np.stack([x_u[groups == g].mean(0) for g in range(groups.max() + 1)]) \
                 if len(groups) and groups.max() >= 0 else np.zeros((0, x_u.shape[1]), np.float32)
             result = self.cluster(x_u, x_l, y_l, n_old, len(seeds), seeds=seeds)
             result.k_scores = {len(seeds): float(np.mean(groups >= 0))}  # the share in dense groups
@@ -313,12 +304,9 @@ class SemiSupervisedKMeans:
         top = max(scores, key=lambda k: (scores[k], -k))
         near = [k for k in scores if scores[k] >= scores[top] - errors[top]]
         best = max(near) if self.estimate == "probe" else min(near)
-        result = self._fit(x_u, x_l, y_l, n_old, best * self.overcluster)
+        result = self.cluster(x_u, x_l, y_l, n_old, best * self.overcluster)
         result.k_scores, result.k_estimate = scores, best
         return result
-
-    def _fit(self, x_u, x_l, y_l, n_old: int, k_new: int) -> KMeansResult:
-        return self.cluster(x_u, x_l, y_l, n_old, k_new)
 
     def cluster(self, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int, k_new: int,
                 seeds: np.ndarray | None = None) -> KMeansResult:
@@ -351,8 +339,6 @@ class SemiSupervisedKMeans:
         on_labeled, found = found[: len(x_l)], found[len(x_l):]
         new = [g for g in np.unique(found[found >= 0])
                if (on_labeled == g).sum() < (found == g).sum()]  # mostly unlabeled: a new group
-        if self.split_test is not None:
-            found, new = self._split_non_gaussian(x_u, found, new, size)
         counts = [(found == g).sum() for g in new]
         by_size = np.array(new)[np.argsort(counts, kind="stable")[::-1]]
         renumber = {int(g): rank for rank, g in enumerate(by_size)}
@@ -369,7 +355,7 @@ class SemiSupervisedKMeans:
             sample = rng.choice(len(x_u), min(len(x_u), self.silhouette_sample), replace=False)
             out, errors = {}, {}
             for k in candidates:
-                labels = self._fit(x_u, x_l, y_l, n_old, k).labels[sample]
+                labels = self.cluster(x_u, x_l, y_l, n_old, k).labels[sample]
                 if len(np.unique(labels)) < 2:
                     out[k], errors[k] = -1.0, 0.0
                     continue
@@ -390,36 +376,13 @@ class SemiSupervisedKMeans:
         x_mix = np.concatenate([x_u, x_l[held]])
         out = {}
         for k in candidates:
-            labels = self._fit(x_mix, x_l[anchor], y_l[anchor], n_old, k).labels[len(x_u):]
+            labels = self.cluster(x_mix, x_l[anchor], y_l[anchor], n_old, k).labels[len(x_u):]
             mapping = hungarian_mapping(y_l[held], labels)
             out[k] = float(np.mean([mapping.get(p, -1) == t for p, t in zip(labels, y_l[held], strict=True)]))
         return out, dict.fromkeys(out, 0.0)
 
     def _candidates(self, n_unlabeled: int) -> range:
         return range(1, min(self.k_max, n_unlabeled - 1) + 1)
-
-    def _split_non_gaussian(self, x: np.ndarray, found: np.ndarray, new: list, size: int):
-        """G-means' test (Hamerly & Elkan, NeurIPS 2003): split a group in two by 2-means,
-        project it onto the line between the two halves and keep the split when the projection
-        is not Gaussian (:func:`anderson_darling` above the critical value for significance
-        ``split_test``) and both halves have ``size`` samples or more; the halves are tested again."""
-        critical = AD_CRITICAL[min(AD_CRITICAL, key=lambda a: abs(np.log(a / self.split_test)))]
-        found, queue, out, next_id = found.copy(), list(new), [], int(found.max()) + 1
-        while queue:
-            g = queue.pop()
-            members = np.flatnonzero(found == g)
-            if len(members) >= 2 * size:
-                halves = KMeans(2, seed=self.seed, n_init=3).fit(x[members])
-                direction = halves.centroids[0] - halves.centroids[1]
-                projected = x[members] @ direction
-                sizes = np.bincount(halves.labels, minlength=2)
-                if anderson_darling(projected) > critical and sizes.min() >= size:
-                    found[members[halves.labels == 1]] = next_id
-                    queue += [g, next_id]
-                    next_id += 1
-                    continue
-            out.append(g)
-        return found, out
 
     def geometry(self, x_u, x_l, y_l, n_old: int) -> tuple[np.ndarray, np.ndarray]:
         """The features k-means sees: whitened by the labeled classes (``whiten``), then
@@ -445,7 +408,7 @@ class SemiSupervisedKMeans:
             x_mix, x_anchored = self.geometry(np.concatenate([raw_u, raw_l[probe]]), raw_l[anchored],
                                                y_anchored, n_old - 1)
             for j, k in enumerate(candidates):
-                labels = self._fit(x_mix, x_anchored, y_anchored, n_old - 1, k + 1).labels[len(raw_u):]
+                labels = self.cluster(x_mix, x_anchored, y_anchored, n_old - 1, k + 1).labels[len(raw_u):]
                 table[i, j] = np.bincount(labels).max() / len(labels)
         error = table.std(0) / np.sqrt(len(probes))
         return ({k: float(v) for k, v in zip(candidates, table.mean(0), strict=True)},
@@ -488,25 +451,6 @@ class SemiSupervisedKMeans:
         dist_l = ((x_l - centroids[y_l]) ** 2).sum(1)
         inertia = float(dist.sum() + dist_l.sum())
         return KMeansResult(labels, dist, centroids, inertia, iterations)
-
-
-# Critical values of the Anderson-Darling statistic for normality with estimated mean and
-# variance, modified as A² (1 + 4/n - 25/n²) (Stephens, JASA 1974, Table 1A), by significance
-# level; 1e-4 is G-means' choice (1.8692, Hamerly & Elkan 2003) with the same modification.
-AD_CRITICAL = {0.10: 0.656, 0.05: 0.787, 0.025: 0.918, 0.01: 1.092, 1e-4: 1.8692}
-
-
-def anderson_darling(values: np.ndarray) -> float:
-    """The Anderson-Darling statistic of ``values`` against a normal law with their own mean and
-    variance, with Stephens' small-sample correction ``A² (1 + 4/n - 25/n²)``, as G-means uses it."""
-    from scipy.stats import norm
-
-    z = np.sort((values - values.mean()) / max(float(values.std(ddof=1)), 1e-12))
-    n = len(z)
-    cdf = np.clip(norm.cdf(z), 1e-12, 1 - 1e-12)
-    i = np.arange(1, n + 1)
-    a2 = -n - np.mean((2 * i - 1) * (np.log(cdf) + np.log(1 - cdf[::-1])))
-    return float(a2 * (1 + 4 / n - 25 / n**2))
 
 
 def whitened(x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,

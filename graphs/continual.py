@@ -138,10 +138,7 @@ def continual(
     temperature_scaling: bool = True,
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "projected",
-    discover_on: str = "pool",
     keep_fraction: float = 1.0,
-    self_training: float | None = None,
-    max_unlabeled: int | None = None,
     pool_age: int = 2,
     max_rounds: int = 30,
     seed: int = 0,
@@ -152,8 +149,8 @@ def continual(
         run_dir, data(), model, augment, score, pool, labeler, cache,
         ExemplarMemory() if memory is None else memory, ClusterAcceptance() if accept is None else accept,
         PromotionGate() if gate is None else gate,
-        threshold, temperature_scaling, representation, cluster_on, discover_on, keep_fraction,
-        self_training, max_unlabeled, pool_age, max_rounds, seed)
+        threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
+        max_rounds, seed)
     return loop.run()
 
 
@@ -164,17 +161,14 @@ class ContinualLoop:
     offer ``geometry`` and ``cluster``, as :class:`components.kmeans.SemiSupervisedKMeans` does,
     for ``accept`` to measure stability); ``cluster_on`` picks ``"projected"`` or ``"features"``;
     ``keep_fraction`` of each accepted cluster (nearest its centroid) become pseudo-labels;
-    ``max_unlabeled`` caps the seen-stream images the representation step trains on (the pool is
-    always among them); ``pool_age`` is how many rounds a rejected sample may wait in the pool.
+    ``pool_age`` is how many rounds a rejected sample may wait in the pool.
     """
 
     def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
-                 gate, threshold, temperature_scaling, representation, cluster_on, discover_on,
-                 keep_fraction, self_training, max_unlabeled, pool_age, max_rounds, seed) -> None:
+                 gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
+                 pool_age, max_rounds, seed) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
-        if discover_on not in ("pool", "seen"):
-            raise ValueError(f"discover_on must be 'pool' or 'seen', got {discover_on!r}")
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
         if pool_age < 1 or max_rounds < 1:
@@ -188,12 +182,10 @@ class ContinualLoop:
         self.augment, self.score, self.labeler, self.cache = augment, score, labeler, cache
         self.accept, self.gate, self.threshold_rule = accept, gate, threshold
         self.temperature_scaling, self.representation = temperature_scaling, representation
-        self.cluster_on, self.keep_fraction, self.max_unlabeled = cluster_on, keep_fraction, max_unlabeled
-        self.discover_on, self.self_training = discover_on, self_training
+        self.cluster_on, self.keep_fraction = cluster_on, keep_fraction
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
         self.device = idist.device()
         self.state = LoopState(pool, memory)
-        self.histories: dict[str, list] = {}  # training curves of this process's stages
         self._clock = time.perf_counter()
 
     @property
@@ -284,9 +276,8 @@ class ContinualLoop:
         manual_seed(self.seed * 1000)
         self.model = self.make_model(num_classes=p.n_old)
         log.info(describe(self.model))
-        trainer = train(self.model, p.labeled, self.augment, self.device,
-                        on_first_step=self.run_dir.save_operative_config)
-        self.histories["train"] = trainer.state.history
+        train(self.model, p.labeled, self.augment, self.device,
+              on_first_step=self.run_dir.save_operative_config)
         st.classes = [{"id": c, "name": p.class_names[c], "origin": "labeled", "round": 0,
                        "pseudo_labels": 0, "labeled": int(p.train_counts[c]), "stability": None}
                       for c in range(p.n_old)]
@@ -346,23 +337,19 @@ class ContinualLoop:
         """Cluster the pool, judge the clusters, grow and distill a student, and promote it if
         the gate lets it through; everything it decided goes into ``record``."""
         p, st = self.protocol, self.state
-        pooled_ids = st.pool.ids
-        ids = pooled_ids if self.discover_on == "pool" else self._candidates()
-        pool_images = p.stream.subset(ids, f"{p.name}/{self.discover_on}")
+        ids = st.pool.ids
+        pool_images = p.stream.subset(ids, f"{p.name}/pool")
         memory = self._memory_images()
         learner = copy.deepcopy(self.model)
-        if self.representation is not None:
-            adapted = self.representation(learner, memory, self._unlabeled(pooled_ids), self.augment,
-                                          self.device)
-            self.histories[f"representation {r}"] = getattr(getattr(adapted, "state", None), "history", [])
+        if self.representation is not None:  # the stream seen so far is the unlabeled data
+            seen = p.stream.subset(np.arange(st.position), f"{p.name}/seen")
+            self.representation(learner, memory, seen, self.augment, self.device)
         on_pool = encode(learner, pool_images, self.augment, self.cache, self.device)
         on_memory = encode(learner, memory, self.augment, self.cache, self.device)
         n_known, y_memory = len(st.classes), on_memory["targets"]
         raw_u, raw_l = on_pool[self.cluster_on], on_memory[self.cluster_on]
-        novel = np.isin(ids, pooled_ids)
-        kwargs = {} if self.discover_on == "pool" else {"novel": novel}
         try:
-            result = self.labeler(raw_u, raw_l, y_memory, n_known, **kwargs)
+            result = self.labeler(raw_u, raw_l, y_memory, n_known)
         except ValueError as error:
             record["promotion"] = {"decision": "refused", "why": f"clustering refused the pool: {error}"}
             return
@@ -370,10 +357,9 @@ class ContinualLoop:
         x_u, x_l = self.labeler.geometry(raw_u, raw_l, y_memory, n_known)
 
         def recluster(index: np.ndarray) -> np.ndarray:  # the whole procedure on a subsample
-            extra = {} if self.discover_on == "pool" else {"novel": novel[index]}
-            return self.labeler(raw_u[index], raw_l, y_memory, n_known, **extra).labels
+            return self.labeler(raw_u[index], raw_l, y_memory, n_known).labels
 
-        verdicts = self.accept(result, x_u, x_l, y_memory, n_known, recluster, novel=novel)
+        verdicts = self.accept(result, x_u, x_l, y_memory, n_known, recluster)
         truth = p.stream.targets.numpy()[ids]
         for v in verdicts:  # what each cluster really held: for the report, never for a decision
             (record["accepted"] if v.accepted else record["rejected"]).append(
@@ -401,17 +387,7 @@ class ContinualLoop:
         taught = ImageSet(torch.cat([memory.images, pool_images.images[torch.from_numpy(keep)]]),
                           torch.cat([memory.targets, torch.from_numpy(pseudo_targets)]), names,
                           f"{p.name}/memory+pseudo")
-        distiller = distill(student, self.model, taught, self.augment, self.device)
-        self.histories[f"distill {r}"] = distiller.state.history
-        if self.self_training is not None:  # the student labels the seen stream it is sure of
-            extra, extra_targets = self._self_labels(student, exclude=pseudo_ids)
-            record["self_labels"] = len(extra)
-            if len(extra):
-                taught = ImageSet(torch.cat([taught.images, p.stream.images[torch.from_numpy(extra)]]),
-                                  torch.cat([taught.targets, torch.from_numpy(extra_targets)]), names,
-                                  f"{p.name}/memory+pseudo+self")
-                distiller = distill(student, self.model, taught, self.augment, self.device)
-                self.histories[f"self-training {r}"] = distiller.state.history
+        distill(student, self.model, taught, self.augment, self.device)
         before, after = self._val_correct(self.model), self._val_correct(student)
         promoted, why = self.gate(before, after)
         record["promotion"] = {"decision": "promoted" if promoted else "kept", "why": why,
@@ -422,7 +398,8 @@ class ContinualLoop:
             return
         engine.fire_event(LoopEvents.PROMOTED)
         self.model = student
-        student_features = self._encode(student, p.stream.subset(pseudo_ids))["features"]
+        # the whole stream, not the pseudo-labeled subset: the next round reads this cache entry
+        student_features = self._encode(student, p.stream)["features"][pseudo_ids]
         for i, v in enumerate(outputs):
             cid = n_known + i
             members = pseudo_targets == cid
@@ -450,37 +427,6 @@ class ContinualLoop:
                 images[torch.from_numpy(rows)] = pool_of.images[torch.from_numpy(keys[rows, 1])]
         names = [c["name"] for c in self.state.classes]
         return ImageSet(images, torch.from_numpy(targets), names, f"{self.protocol.name}/memory")
-
-    def _self_labels(self, model: nn.Module, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Seen stream samples ``model`` puts in a discovered class with softmax confidence at
-        least ``self_training`` (memory exemplars and ``exclude`` left out): further
-        pseudo-labels from the grown classifier, the second label generator beside clustering."""
-        seen = self._encode(model, self.protocol.stream)
-        logits = torch.from_numpy(seen["logits"][: self.state.position])
-        confidence, predicted = logits.softmax(1).max(1)
-        keys, _ = self.state.memory.items()
-        taken = np.concatenate([keys[keys[:, 0] == STREAM, 1], exclude])
-        chosen = (confidence >= self.self_training).numpy() & (predicted >= self.protocol.n_old).numpy()
-        chosen &= ~np.isin(np.arange(len(logits)), taken)
-        index = np.flatnonzero(chosen)
-        return index, predicted.numpy()[index]
-
-    def _candidates(self) -> np.ndarray:
-        """The seen stream samples that are not memory exemplars (``discover_on="seen"``)."""
-        keys, _ = self.state.memory.items()
-        taken = keys[keys[:, 0] == STREAM, 1]
-        return np.setdiff1d(np.arange(self.state.position), taken)
-
-    def _unlabeled(self, pooled: np.ndarray) -> ImageSet:
-        """The seen stream for the representation step: everything up to the current position,
-        or the pool plus a seeded random share of the rest when ``max_unlabeled`` caps it."""
-        seen = np.arange(self.state.position)
-        if self.max_unlabeled is not None and len(seen) > self.max_unlabeled:
-            rest = np.setdiff1d(seen, pooled)
-            rng = np.random.default_rng(self.seed * 1000 + self.state.round + 1)
-            extra = rng.choice(rest, max(0, self.max_unlabeled - len(pooled)), replace=False)
-            seen = np.sort(np.concatenate([pooled, extra]))
-        return self.protocol.stream.subset(seen, f"{self.protocol.name}/seen")
 
     def _fit_threshold(self) -> None:
         """Temperature and pool threshold for the current model from the held-out known-class

@@ -108,7 +108,7 @@ def lifecycle(
         notes += [why] if why else []
     stream, val = scaled(cached["stream"], temperature), scaled(cached["val"], temperature)
     if pool.threshold is None:
-        pool.threshold = pool_threshold(score, scaled(cached["labeled"], temperature), val, stream,
+        pool.threshold = _pool_threshold(score, scaled(cached["labeled"], temperature), val, stream,
                                          protocol.n_old, threshold, notes)
     elif isinstance(score, Score):
         score.fit(cached["labeled"])
@@ -172,7 +172,7 @@ def lifecycle(
     return metrics
 
 
-def pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, notes: list[str]) -> float:
+def _pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, notes: list[str]) -> float:
     """The pool threshold by ``rule`` (fits ``score`` on the labeled outputs). Without held-out
     images, or when the rule cannot be met, fall back to the labeled images' scores at the rule's
     false-alarm rate (5 % for another rule), and say so in ``notes``: the run goes on and

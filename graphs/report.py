@@ -31,13 +31,17 @@ def _lifecycle_rows(m: dict) -> list[tuple[str, str]]:
     ]
 
 
-def metrics_table(m: dict) -> Table:
-    table = Table(title=f"{m['protocol']} (seed {m['seed']}, {m['seconds']:.0f} s)")
+def _two_columns(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for row in _lifecycle_rows(m):
+    for row in rows:
         table.add_row(*row)
     return table
+
+
+def metrics_table(m: dict) -> Table:
+    return _two_columns(f"{m['protocol']} (seed {m['seed']}, {m['seconds']:.0f} s)", _lifecycle_rows(m))
 
 
 def write_lifecycle_report(run_dir, m: dict, protocol, histories: dict, before: dict, after: dict,
@@ -184,12 +188,8 @@ def _continual_rows(m: dict) -> list[tuple[str, str]]:
 
 
 def continual_table(m: dict) -> Table:
-    table = Table(title=f"{m['protocol']}, continual (seed {m['seed']}, {m['seconds']:.0f} s)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for row in _continual_rows(m):
-        table.add_row(*row)
-    return table
+    return _two_columns(f"{m['protocol']}, continual (seed {m['seed']}, {m['seconds']:.0f} s)",
+                        _continual_rows(m))
 
 
 def write_continual_report(run_dir, m: dict, state, protocol) -> Path:

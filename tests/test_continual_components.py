@@ -151,9 +151,10 @@ def test_density_estimate_finds_the_new_groups_and_zero_when_there_are_none():
     nothing = labeler(np.concatenate([lookalikes, noise]), x_l, y_l, n_old=3)
     assert nothing.k_estimate == 0 and len(nothing.centroids) == 3
     assert set(nothing.labels[:15].tolist()) <= {0, 1, 2}  # the look-alikes go to their classes
-    # with `novel`, groups are looked for among the flagged samples only
-    only_first = labeler(x_new, x_l, y_l, n_old=3, novel=y_new == 3)
-    assert only_first.k_estimate == 1
+    # a pool of one new class is one group (HDBSCAN alone never returns a single group: the
+    # labeled samples beside it give it the known classes to be told apart from)
+    one = labeler(x_new[y_new == 3], x_l, y_l, n_old=3)
+    assert one.k_estimate == 1 and (one.labels == 3).all()
 
 
 # ------------------------------------------------------------------------------- acceptance
@@ -180,16 +181,32 @@ def test_acceptance_keeps_a_new_class_and_rejects_small_unstable_and_known_clust
     pool = np.concatenate([x_new[y_new == 3], fringe, stray])
     result = labeler.cluster(pool, x_l, y_l, 3, 3, seeds=np.stack([pool[:60].mean(0), fringe.mean(0),
                                                                     stray.mean(0)]))
-    rule = ClusterAcceptance(min_size=10, min_stability=0.6, min_separation=1.0, min_novel_share=0.5)
-    novel = np.ones(len(pool), bool)
-    novel[60:90] = False  # the model was sure of the known class's fringe
-    verdicts = rule(result, pool, x_l, y_l, 3, lambda idx: labeler.cluster(pool[idx], x_l, y_l, 3, 3).labels,
-                    novel=novel)
+    rule = ClusterAcceptance(min_size=10, min_stability=0.6, min_separation=1.0)
+    verdicts = rule(result, pool, x_l, y_l, 3, lambda idx: labeler.cluster(pool[idx], x_l, y_l, 3, 3).labels)
     by_cluster = {v.cluster: v for v in verdicts}
     assert by_cluster[3].accepted and by_cluster[3].size >= 60
     assert not by_cluster[4].accepted and any("radii of known class 0" in r for r in by_cluster[4].reasons)
-    assert any("novel" in r for r in by_cluster[4].reasons)
     assert not by_cluster[5].accepted and any("fewer than 10" in r for r in by_cluster[5].reasons)
+
+
+def test_acceptance_rejects_near_copies_and_merges_a_class_found_twice():
+    x_l, y_l, x_new, y_new = _anchored_blobs()
+    rng = np.random.default_rng(0)
+    blob = x_new[y_new == 3]
+    halves = blob[np.argsort(blob[:, 0])]  # one class, cut in two along an axis
+    frames = np.repeat(x_new[y_new == 4][:1], 20, axis=0) + rng.normal(0, 1e-3, (20, 8)).astype(np.float32)
+    pool = np.concatenate([halves, frames])  # the last 20: near copies of one image (a flat frame)
+    seeds = np.stack([halves[:30].mean(0), halves[30:].mean(0), frames.mean(0)])
+    labeler = SemiSupervisedKMeans(k_new=3, normalize=False, n_init=2)
+    result = labeler.cluster(pool, x_l, y_l, 3, 3, seeds=seeds)
+    rule = ClusterAcceptance(min_size=10, min_stability=0.0, min_tightness=0.7)
+    verdicts = {v.cluster: v for v in rule(result, pool, x_l, y_l, 3, lambda idx: result.labels[idx])}
+    assert not verdicts[5].accepted and any("near copies" in r for r in verdicts[5].reasons)
+    kept = [v for v in verdicts.values() if v.accepted and v.merged_into is None]
+    merged = [v for v in verdicts.values() if v.merged_into is not None]
+    assert len(kept) == 1 and len(merged) == 1 and merged[0].merged_into == kept[0].cluster
+    assert not ClusterAcceptance(min_size=10, min_stability=0.0, merge=False)(
+        result, pool, x_l, y_l, 3, lambda idx: result.labels[idx])[1].merged_into
 
 
 def test_acceptance_rejects_an_off_domain_cloud_when_asked():
