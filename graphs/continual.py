@@ -18,7 +18,11 @@ them. Every later round
 5. **measures** the current model on the test images of the classes seen so far (one Hungarian
    assignment), one row of the accuracy matrix.
 
-The stream's end triggers a final round on what is pooled. The loop is an Ignite ``Engine``
+The stream's end triggers a final round on what is pooled, then (``consolidate``) a last pass
+that labels the discovered classes again from everything seen: a cluster accepted early, from a
+small pool, may have mixed two classes for good; re-clustered in one go, over the whole
+stream's samples the model assigns to them, they come out purer (docs/loop.md measures it). The
+loop is an Ignite ``Engine``
 with one iteration per round and events of its own (:class:`LoopEvents`); after every round
 its state (round, stream position, pool, memory, class table, the current model, the rows so
 far) is saved with Ignite's ``Checkpoint``, then the version it names is written, so a run
@@ -141,6 +145,7 @@ def continual(
     keep_fraction: float = 1.0,
     pool_age: int = 2,
     max_rounds: int = 30,
+    consolidate: bool = True,
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -150,7 +155,7 @@ def continual(
         ExemplarMemory() if memory is None else memory, ClusterAcceptance() if accept is None else accept,
         PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
-        max_rounds, seed)
+        max_rounds, seed, consolidate)
     return loop.run()
 
 
@@ -161,12 +166,13 @@ class ContinualLoop:
     offer ``geometry`` and ``cluster``, as :class:`components.kmeans.SemiSupervisedKMeans` does,
     for ``accept`` to measure stability); ``cluster_on`` picks ``"projected"`` or ``"features"``;
     ``keep_fraction`` of each accepted cluster (nearest its centroid) become pseudo-labels;
-    ``pool_age`` is how many rounds a rejected sample may wait in the pool.
+    ``pool_age`` is how many rounds a rejected sample may wait in the pool; ``consolidate``
+    relabels the discovered classes at the stream's end (:meth:`_consolidate`).
     """
 
     def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
-                 pool_age, max_rounds, seed) -> None:
+                 pool_age, max_rounds, seed, consolidate) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if not 0 < keep_fraction <= 1:
@@ -184,6 +190,7 @@ class ContinualLoop:
         self.temperature_scaling, self.representation = temperature_scaling, representation
         self.cluster_on, self.keep_fraction = cluster_on, keep_fraction
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
+        self.consolidate = consolidate
         self.device = idist.device()
         self.state = LoopState(pool, memory)
         self._clock = time.perf_counter()
@@ -319,6 +326,8 @@ class ContinualLoop:
         else:
             record["promotion"] = {"decision": "nothing pooled",
                                    "why": "no stream sample scored above the threshold"}
+        if ended and self.consolidate and len(st.classes) > p.n_old:
+            self._consolidate(engine, r, record)
         aged = st.pool.age_out(self.pool_age)
         record["aged_out"] = len(aged)
         record["classes"] = len(st.classes)
@@ -410,6 +419,76 @@ class ContinualLoop:
             st.memory.add_class(cid, keys, student_features[members])
         st.pool.remove(pseudo_ids)
         st.version += 1
+        self._fit_threshold()
+
+    def _consolidate(self, engine: Engine, r: int, record: dict) -> None:
+        """At the stream's end, label the discovered classes again with everything seen: the
+        stream samples the current model assigns to a discovered class are clustered afresh
+        (anchored by the labeled classes, k = the number of discovered classes) in a
+        representation learned on the whole stream; each new cluster takes the output it shares
+        most samples with (Hungarian), and a student distilled on the labeled memory plus these
+        labels replaces the model if the gate lets it."""
+        from scipy.optimize import linear_sum_assignment
+
+        p, st = self.protocol, self.state
+        n_old, n_all = p.n_old, len(st.classes)
+        k = n_all - n_old
+        predicted = self._encode(self.model, p.stream)["logits"].argmax(1)
+        ids = np.flatnonzero(predicted >= n_old)
+        entry = {"candidates": int(len(ids))}
+        record["consolidation"] = entry
+        if len(ids) < 2 * k:
+            entry["decision"] = "too few samples"
+            return
+        _, targets = st.memory.items()
+        labeled = np.flatnonzero(targets < n_old)
+        memory = self._memory_images()
+        memory = ImageSet(memory.images[torch.from_numpy(labeled)], memory.targets[torch.from_numpy(labeled)],
+                          memory.classes, f"{p.name}/labeled-memory")
+        images = p.stream.subset(ids, f"{p.name}/assigned-new")
+        learner = copy.deepcopy(self.model)
+        if self.representation is not None:
+            self.representation(learner, memory, p.stream, self.augment, self.device)
+        on_u = encode(learner, images, self.augment, self.cache, self.device)
+        on_l = encode(learner, memory, self.augment, self.cache, self.device)
+        labeler = copy.copy(self.labeler)  # k is known now: the classes the loop kept
+        labeler.k_new = k
+        result = labeler(on_u[self.cluster_on], on_l[self.cluster_on], on_l["targets"], n_old)
+        # each new cluster takes the discovered output it shares most samples with
+        new = result.labels >= n_old
+        counts = np.zeros((k, k))
+        np.add.at(counts, (result.labels[new] - n_old, predicted[ids][new] - n_old), 1)
+        rows, cols = linear_sum_assignment(-counts)
+        output = dict(zip(rows + n_old, cols + n_old, strict=True))
+        keep = confident(result, self.keep_fraction, first=n_old) & new
+        pseudo_ids = ids[keep]
+        pseudo_targets = np.array([output[c] for c in result.labels[keep]], dtype=np.int64)
+        truth = p.stream.targets.numpy()  # for the report only
+        entry["outputs"] = [{"id": c, "size": int((pseudo_targets == c).sum()),
+                             "truth": cluster_truth(truth[pseudo_ids][pseudo_targets == c])}
+                            for c in range(n_old, n_all)]
+        names = [c["name"] for c in st.classes]
+        taught = ImageSet(torch.cat([memory.images, p.stream.images[torch.from_numpy(pseudo_ids)]]),
+                          torch.cat([memory.targets, torch.from_numpy(pseudo_targets)]), names,
+                          f"{p.name}/labeled+relabeled")
+        student = learner
+        distill(student, self.model, taught, self.augment, self.device)
+        before, after = self._val_correct(self.model), self._val_correct(student)
+        promoted, why = self.gate(before, after)
+        entry["decision"], entry["why"] = ("promoted" if promoted else "kept"), why
+        if not promoted:
+            return
+        self.model = student
+        student_features = self._encode(student, p.stream)["features"][pseudo_ids]
+        for c in range(n_old, n_all):
+            members = pseudo_targets == c
+            if members.any():
+                st.memory.add_class(c, np.stack([np.full(members.sum(), STREAM), pseudo_ids[members]], 1),
+                                    student_features[members])
+                st.classes[c]["pseudo_labels"] = int(members.sum())
+        if record["promotion"]["decision"] != "promoted":  # else it refines the round's version
+            st.version += 1
+            record["promotion"] = {"decision": "promoted", "why": f"consolidation: {why}"}
         self._fit_threshold()
 
     # ------------------------------------------------------------------ helpers
@@ -514,8 +593,13 @@ class ContinualLoop:
         final = summary["final"]
         discovered = [c for c in st.classes if c["origin"] != "labeled"]
         accepted = [a for r in st.rounds for a in r["accepted"]]
-        promoted = [o for r in st.rounds if r["promotion"]["decision"] == "promoted"
-                    for o in r.get("outputs", [])]
+        held = {}  # output id -> what its pseudo-labels really were, the last labels it learned
+        for r in st.rounds:
+            if r["promotion"]["decision"] == "promoted":
+                held |= {o["id"]: o for o in r.get("outputs", [])}
+            if r.get("consolidation", {}).get("decision") == "promoted":
+                held |= {o["id"]: o for o in r["consolidation"]["outputs"]}
+        promoted = list(held.values())
         matched: dict[int, int] = {}
         for a in promoted:
             matched[a["truth"]["majority"]] = matched.get(a["truth"]["majority"], 0) + 1
