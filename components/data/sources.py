@@ -7,11 +7,14 @@ tensors ``[N, C, H, W]`` so that augmentation can run on whole batches on the mo
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import gin
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -160,29 +163,115 @@ def image_folder(
     train_dir: str = "train",
     test_dir: str = "val",
     image_size: int = 64,
+    skip_unreadable: bool = False,
 ) -> tuple[ImageSet, ImageSet]:
     """ImageFolder trees ``root/{train_dir,test_dir}/<class>/<image>`` (TinyImageNet after
     reorganising its val folder, MiniImageNet, ImageNet), decoded once and resized to
     ``image_size`` into memory. For trees too large for memory, cache features instead.
+
+    Labels are the positions of the class folders, so both trees must have the same ones, and
+    every class folder needs an image. A file that cannot be decoded (truncated, or not an
+    image at all) stops the load with its path, unless ``skip_unreadable=True``: then such files
+    are left out, with one warning that counts them.
     """
-    import torchvision.datasets as tvd
+    train = _load_tree(Path(root), train_dir, test_dir, image_size, skip_unreadable)
+    test = _load_tree(Path(root), test_dir, train_dir, image_size, skip_unreadable)
+    _check_same_classes(root, train_dir, train.classes, test_dir, test.classes)
+    return train, test
+
+
+def _load_tree(root: Path, split: str, other: str, image_size: int, skip_unreadable: bool) -> ImageSet:
+    """One ImageFolder tree decoded to uint8 RGB ``[N, 3, image_size, image_size]``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     from torchvision.transforms.v2 import functional as F
 
-    def load(split: str) -> ImageSet:
-        path = Path(root) / split
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"no ImageFolder tree at {path.resolve()}: expected {path}/<class>/<image> "
-                f"(set image_folder.root, train_dir and test_dir)"
-            )
-        folder = tvd.ImageFolder(str(path))  # PIL loader, RGB
-        images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
-        for i, (image, _) in enumerate(folder):
-            images[i] = F.resize(F.pil_to_tensor(image), [image_size, image_size], antialias=True)
-        targets = torch.as_tensor(folder.targets, dtype=torch.long)
-        return ImageSet(images, targets, list(folder.classes), f"{Path(root).name}/{split}")
+    path = root / split
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"no ImageFolder tree at {path.resolve()}: expected {path}/<class>/<image> "
+            f"(set image_folder.root, train_dir and test_dir)"
+        )
+    try:
+        classes, class_to_idx = find_classes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path.resolve()} has no class folders: expected {path}/<class>/<image>"
+        ) from None
+    samples = make_dataset(str(path), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    images = torch.empty(len(samples), 3, image_size, image_size, dtype=torch.uint8)
+    targets, unreadable = [], []
+    for file, target in samples:
+        try:
+            decoded = _decode_rgb(file)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated or not an image
+            unreadable.append((file, _why_unreadable(error)))
+            continue
+        images[len(targets)] = F.resize(decoded, [image_size, image_size], antialias=True)
+        targets.append(target)
+    if unreadable:
+        _report_unreadable(path, unreadable, skip_unreadable)
+    _check_no_empty_class(path, classes, targets, other, skipped=bool(unreadable))
+    return ImageSet(images[: len(targets)], torch.as_tensor(targets, dtype=torch.long), classes,
+                    f"{root.name}/{split}")
 
-    train, test = load(train_dir), load(test_dir)
-    if train.classes != test.classes:
-        raise ValueError(f"{root}: {train_dir} and {test_dir} have different class folders")
-    return train, test
+
+def _decode_rgb(file: str) -> torch.Tensor:
+    """Decode a whole image file as torchvision's ImageFolder does (PIL, converted to RGB)."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(file) as image:
+        return F.pil_to_tensor(image.convert("RGB"))  # convert() reads the whole file
+
+
+def _why_unreadable(error: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image PIL can read"
+    return "truncated" if "truncat" in str(error).lower() else f"{type(error).__name__}: {error}"
+
+
+UNREADABLE_SHOWN = 5  # paths a message lists before it just counts
+
+
+def _report_unreadable(path: Path, unreadable: list[tuple[str, str]], skip: bool) -> None:
+    """Stop on unreadable files, naming the first few; or, when asked to skip them, warn once."""
+    listed = "; ".join(f"{file} ({why})" for file, why in unreadable[:UNREADABLE_SHOWN])
+    more = f" and {len(unreadable) - UNREADABLE_SHOWN} more" if len(unreadable) > UNREADABLE_SHOWN else ""
+    if not skip:
+        raise ValueError(
+            f"{path.resolve()}: {len(unreadable)} image file(s) cannot be decoded: {listed}{more}. "
+            "Replace or delete them, or bind image_folder.skip_unreadable = True to leave them out"
+        )
+    log.warning(f"{path.resolve()}: skipped {len(unreadable)} unreadable image file(s) "
+                f"(image_folder.skip_unreadable = True): {listed}{more}")
+
+
+def _check_no_empty_class(path: Path, classes: list[str], targets: list[int], other: str,
+                          skipped: bool) -> None:
+    """A class folder with no image would be a class the model never sees: say which, and how."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    present = set(targets)
+    empty = [name for i, name in enumerate(classes) if i not in present]
+    if empty:
+        readable = "readable " if skipped else ""
+        raise ValueError(
+            f"{path.resolve()}: class folder(s) {empty} hold no {readable}image "
+            f"({', '.join(IMG_EXTENSIONS)}): add images to them, or remove them from both this tree "
+            f"and {other!r} (the class folders of both trees must match)"
+        )
+
+
+def _check_same_classes(root: str, train_dir: str, train: list[str], test_dir: str, test: list[str]) -> None:
+    """Labels are folder positions: trees with different class folders would mislabel the test set."""
+    if train == test:
+        return
+    only_train = sorted(set(train) - set(test))
+    only_test = sorted(set(test) - set(train))
+    raise ValueError(
+        f"{Path(root).resolve()}: the {train_dir!r} and {test_dir!r} trees have different class "
+        f"folders (only in {train_dir!r}: {only_train}; only in {test_dir!r}: {only_test}); labels "
+        "are the folders' sorted positions, so give both trees the same class folders"
+    )

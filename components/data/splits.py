@@ -156,7 +156,9 @@ def make_protocol(
         new = sorted(set(int(c) for c in new_classes) | set(superclass_members(new_superclasses)))
         unknown = [c for c in new if c not in all_classes]
         if unknown:
-            raise ValueError(f"new classes {unknown} do not occur in {train.name} (has {all_classes})")
+            raise ValueError(f"new classes {_named(unknown, train.classes)} do not occur in {train.name} "
+                             f"(has {all_classes}), so the stream would hold no sample of them: "
+                             "choose make_protocol.new_classes among the classes that have images")
         old = [c for c in all_classes if c not in new]
     if not old:
         raise ValueError("every class is new: keep at least one old (labeled) class")
@@ -238,6 +240,11 @@ def make_protocol(
         phases=phase_ids,
         segment_ends=segment_ends,
     )
+
+
+def _named(ids: list[int], names: Sequence[str]) -> str:
+    """``[9 ('boot')]``: class ids with their names where the source has one."""
+    return "[" + ", ".join(f"{c} ({names[c]!r})" if 0 <= c < len(names) else str(c) for c in ids) + "]"
 
 
 def _phase_classes(phases, new_classes, new_superclasses, all_classes: list[int],
