@@ -270,6 +270,8 @@ class FeatureCache:
                 f.attrs["fingerprint"] = key
                 f.attrs["complete"] = True
             os.replace(tmp, path)
+        except OSError as error:  # h5py's message does not say which file (a full disk, a size limit)
+            raise OSError(error.errno, f"could not write the cache entry ({error})", str(path)) from error
         finally:
             tmp.unlink(missing_ok=True)
         if self.max_bytes is not None:

@@ -95,6 +95,9 @@ def novelty_metrics(scores, is_new) -> dict[str, float]:
     if is_new.all() or not is_new.any():
         nan = float("nan")
         return {"auroc": nan, "fpr95": nan, "aupr_new": nan, "aupr_old": nan}
+    if not np.isfinite(scores).all():  # scikit-learn would stop deep inside with "Input contains NaN"
+        raise ValueError(f"novelty scores hold {int((~np.isfinite(scores)).sum())} non-finite values of "
+                         f"{len(scores)}: the score's inputs (logits or features) are not finite")
     fpr, tpr, _ = skm.roc_curve(is_new, scores)
     return {
         "auroc": float(skm.roc_auc_score(is_new, scores)),

@@ -1,16 +1,31 @@
 """Command line: ``python -m components.run --gin FILE [--gin FILE ...] [--gin-bindings B ...]``.
 
-Parses the gin files and bindings, then calls the configured graph (``run.graph``). A gin
-error (unknown configurable, misspelt parameter, bad value, missing file) prints one message
-naming the file and binding and exits with status 2 without writing anything.
+Parses the gin files and bindings, checks every bound value and the run folder, then calls the
+configured graph (``run.graph``). What it promises (docs/reliability.md has the table):
+
+* a gin error, a bad value or an unusable ``--run-dir`` prints one ``config error`` line and
+  exits 2 before anything is written;
+* a run started again on the same ``--run-dir`` resumes: every training stage continues after
+  its last checkpointed epoch, finished stages are loaded, not trained again; a folder that
+  holds a finished run is left alone (``--fresh`` starts over), one of another configuration
+  is refused;
+* a failure the library explains (bad data, a diverged loss, a refused checkpoint, a failed
+  write) prints one line and exits 1, with the traceback in ``<run>/error.log``; anything else
+  is a bug and shows its traceback; Ctrl-C prints one line and exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import difflib
 import logging
+import os
+import re
+import shutil
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,10 +34,14 @@ import gin
 import components  # noqa: F401  (registers the components)
 import graphs  # noqa: F401  (registers the graphs)
 from components.gin_files import add_search_paths, gin_dir, locate, search_paths
-from graphs.handlers import RunDir, console, setup_logging
+from components.validate import validate_config
+from graphs.handlers import RunDir, RunFailure, checkpointing, console, setup_logging
 from graphs.report import show_metrics
 
 CONFIG_ERROR = 2
+FAILED = 1
+INTERRUPTED = 130
+RUN_CONFIG = "run_config.gin"  # the resolved configuration, written when the folder is made
 
 
 class ConfigError(Exception):
@@ -57,6 +76,10 @@ def parse_config(files: Sequence[str], bindings: Sequence[str]) -> None:
     except (ValueError, TypeError, KeyError, SyntaxError, OSError, NameError) as error:
         where = f"binding {bindings!r}" if bindings else f"file(s) {', '.join(files)}"
         raise ConfigError(f"{where}: {error}") from None
+    try:  # every bound value's type and range, before any work
+        validate_config()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def configurables() -> list[tuple[str, str, list[tuple[str, str]]]]:
@@ -128,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gin-bindings", action="append", default=[], metavar="B",
         help="one more binding, e.g. 'SEED = 1'; repeatable")
     add("--run-dir", default=None, metavar="DIR", help="output folder (default runs/<gin name>-<time>)")
+    add("--fresh", action="store_true", help="start over in --run-dir instead of resuming it")
     add("--print-config", action="store_true", help="print the resolved bindings and exit")
     add("--list", action="store_true", help="list every configurable and its defaults, exit")
     add("--list-gin", action="store_true", help="list the shipped gin files, exit")
@@ -159,18 +183,93 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(gin.config_str())  # every binding the files and flags resolve to, macros included
         return 0
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = RunDir(args.run_dir or Path("runs") / f"{Path(args.gin[-1]).stem}-{stamp}")
+    path = Path(args.run_dir or Path("runs") / f"{Path(args.gin[-1]).stem}-{stamp}")
+    config = gin.config_str()
     try:
-        metrics = run(run_dir)
-    except Exception as error:
-        if run_dir.created:
-            raise  # the run had started: a real failure, show the traceback
-        # Raised before anything was written: a bad value or a missing input.
-        console.print(f"[bold red]error[/]: {error}")
+        finished = prepare_run_dir(path, config, args.fresh)
+    except ConfigError as error:
+        console.print(f"[bold red]config error[/]: {error}")
         return CONFIG_ERROR
+    if finished is not None:
+        console.print(f"{path} holds a finished run: nothing to do, nothing written "
+                      "(--fresh starts it over)")
+        show_metrics(finished)
+        return 0
+    run_dir = RunDir(path, on_create=lambda d: d.write_text(RUN_CONFIG, config))
+    return execute(run_dir)
+
+
+def execute(run_dir: RunDir) -> int:
+    """Run the configured graph in ``run_dir`` and turn its failures into the promised exits."""
+    try:
+        with checkpointing(run_dir) as stages:
+            metrics = run(run_dir)
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted[/]: run the same command again (same --run-dir "
+                      f"{run_dir.path}) to resume after the last finished epoch")
+        return INTERRUPTED
+    except (RunFailure, ValueError, OSError) as error:
+        started = run_dir.created
+        if started:  # the whole story for whoever debugs it, beside the run
+            with contextlib.suppress(OSError):  # the disk may be what failed
+                (run_dir.path / "error.log").write_text(traceback.format_exc())
+        # without the "In call to configurable ..." lines gin adds on the way up
+        message = "\n".join(line for line in str(error).splitlines()
+                            if not line.strip().startswith("In call to configurable"))
+        if isinstance(error, OSError):  # a failed read or write (a full disk, a size limit)
+            message += "; earlier files are intact"
+        console.print(f"[bold red]{'error' if started else 'config error'}[/]: {message}")
+        return FAILED if started else CONFIG_ERROR
+    if stages.resumed:
+        console.print(f"resumed: {', '.join(stages.resumed)}")
+    shutil.rmtree(run_dir.path / "stages", ignore_errors=True)  # the run is done: bounded disk
     show_metrics(metrics)
     console.print(f"run directory: [bold]{run_dir.path}[/]")  # shown even with --quiet
     return 0
+
+
+# bindings that say where things go, not what is computed: a run may resume with them changed
+WHERE_ONLY = ("FeatureCache.root", "FeatureCache.max_bytes", "tensorboard.log_dir")
+
+
+def _results_config(config: str) -> list[str]:
+    """The configuration's bindings, one per line (gin wraps long ones), the where-only ones out."""
+    lines = re.sub(r"\\\n\s*", " ", config).splitlines()
+    return [line for line in lines if not line.strip().startswith(WHERE_ONLY)]
+
+
+def prepare_run_dir(path: Path, config: str, fresh: bool) -> dict | None:
+    """Check the run folder before any work. Returns the metrics of a finished run found there
+    (nothing is to be done), else None. Refuses (``ConfigError``) a path that is a file or not
+    writable, and a folder holding a run of another configuration; ``fresh`` empties a folder
+    that holds a run (and nothing else) first."""
+    import json
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--run-dir {path} is a file, not a folder: choose another --run-dir")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {path}: {existing} is not writable; choose another --run-dir")
+    if not path.exists() or not any(path.iterdir()):
+        return None
+    recorded = path / RUN_CONFIG
+    if fresh:
+        if not recorded.exists() and not (path / "metrics.json").exists():
+            raise ConfigError(f"--fresh: {path} does not hold a run of this library (no {RUN_CONFIG}); "
+                              "refusing to empty it, remove it yourself")
+        shutil.rmtree(path)
+        return None
+    if recorded.exists() and _results_config(recorded.read_text()) != _results_config(config):
+        diff = [line for line in difflib.unified_diff(_results_config(recorded.read_text()),
+                                                      _results_config(config), "recorded", "now", n=0,
+                                                      lineterm="")
+                if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        raise ConfigError(f"{path} holds a run of another configuration (first difference: "
+                          f"{' / '.join(diff[:2])}); resume it with the same files and bindings, "
+                          "start over with --fresh, or choose another --run-dir")
+    if (path / "metrics.json").exists():
+        return json.loads((path / "metrics.json").read_text())
+    return None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, EventEnum, Events
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
 from ignite.utils import manual_seed
 from torch import nn
 
@@ -59,7 +59,15 @@ from components.metrics import cluster_truth, continual_summary, grouped_accurac
 from components.pool import SamplePool
 from components.scores import Score
 from graphs.encode import encode
-from graphs.handlers import RunDir, describe, log
+from graphs.handlers import (
+    CheckedDiskSaver,
+    RunDir,
+    describe,
+    drop_stage_scope,
+    load_checkpoint,
+    log,
+    stage_scope,
+)
 from graphs.novelty import FIVE_PERCENT_FALSE_ALARMS, scaled, temperature_of
 from graphs.online import online, score_outputs
 from graphs.train import adapt, distill, train
@@ -212,8 +220,9 @@ class ContinualLoop:
                  f"{p.n_new} new in {len(p.phases) - 1} phase(s); stream {len(p.stream)} in "
                  f"{len(p.segment_ends)} segment(s), {int((p.stream.targets < 0).sum())} distractors; "
                  f"test {len(p.test)}; device {self.device}")
-        saver = DiskSaver(self.run_dir.file("loop"), require_empty=False)
-        checkpoint = Checkpoint({"loop": self.state}, saver, filename_prefix="state", n_saved=1,
+        saver = CheckedDiskSaver(self.run_dir.file("loop"), require_empty=False)
+        # n_saved=2: Ignite removes the oldest file before it writes the new one
+        checkpoint = Checkpoint({"loop": self.state}, saver, filename_prefix="state", n_saved=2,
                                 global_step_transform=lambda *_: self.state.round, include_self=True)
 
         def save(engine: Engine) -> None:  # the state first, then the version it names
@@ -222,19 +231,25 @@ class ContinualLoop:
             self._clock = now
             checkpoint(engine)
             self._write_version()
+            drop_stage_scope(f"round-{self.state.round}")  # its stages' epochs are not needed now
 
         finished = self.run_dir.path / "metrics.json"
         resumed = self._resume(saver.dirname, checkpoint)
         if resumed and self.state.done and finished.exists():
             log.info(f"{self.run_dir.path} holds a finished run: nothing to do, nothing written")
             return json.loads(finished.read_text())
-        engine = Engine(lambda engine, r: self._round(engine, r))
+        def one_round(engine: Engine, r: int) -> None:
+            with stage_scope(f"round-{r}"):  # a resumed round finds its stages' epochs
+                self._round(engine, r)
+
+        engine = Engine(one_round)
         engine.register_events(*LoopEvents)
         engine.add_event_handler(Events.ITERATION_COMPLETED, save)
         engine.add_event_handler(Events.ITERATION_COMPLETED,
                                  lambda e: e.terminate() if self.state.done else None)
         if not resumed:
-            self._round_zero()
+            with stage_scope("round-0"):
+                self._round_zero()
             save(engine)  # round 0, before the first online step
         if not self.state.done and self.state.round < self.max_rounds:
             engine.run(range(self.state.round + 1, self.max_rounds + 1))
@@ -258,7 +273,7 @@ class ContinualLoop:
         saved = sorted(Path(folder).glob("state_*.pt"), key=lambda f: int(f.stem.split("_")[-1]))
         if not saved:
             return False
-        state = torch.load(saved[-1], weights_only=True)
+        state = load_checkpoint(saved[-1])
         Checkpoint.load_objects({"loop": self.state}, state)  # one object: saved flat, beside ...
         checkpoint.load_state_dict(state["checkpointer"])  # ... the handler's own list (include_self)
         self.model = self.make_model(num_classes=len(self.state.classes))

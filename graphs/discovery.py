@@ -31,7 +31,7 @@ from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData
 from components.metrics import clustering_accuracy, pool_quality
 from graphs.encode import encode
-from graphs.handlers import RunDir, describe, log, save_checkpoint
+from graphs.handlers import RunDir, describe, load_checkpoint, log, save_checkpoint
 from graphs.train import train
 
 
@@ -143,7 +143,7 @@ def recluster_run(
                                 "give recluster_run.source the folder of a discovery run")
     protocol = data()
     net = model(num_classes=protocol.n_old)
-    Checkpoint.load_objects({"model": net}, torch.load(checkpoints[name], weights_only=True))
+    Checkpoint.load_objects({"model": net}, load_checkpoint(checkpoints[name]))
     log.info(f"reclustering {folder} with its {name} checkpoint ({cluster_on})")
     metrics = _cluster_and_measure(net, protocol, augment, cache, idist.device(), labeler, estimator,
                                    cluster_on, seed, started)

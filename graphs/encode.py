@@ -9,7 +9,7 @@ from torch import nn
 
 from components.cache import FeatureCache, data_fingerprint, fingerprint, model_fingerprint
 from components.data import ImageSet, image_loader
-from graphs.handlers import progress
+from graphs.handlers import RunFailure, progress
 
 
 def cache_entry(model: nn.Module, images: ImageSet, augment: nn.Module, views: int = 0,
@@ -82,6 +82,13 @@ def encode_entry(
             for _ in range(max(views, 1)):
                 engine.run(image_loader(images, batch_size, shuffle=False))
         augment.eval()
-        return {name: torch.cat(parts).numpy() for name, parts in chunks.items()}
+        arrays = {name: torch.cat(parts).numpy() for name, parts in chunks.items()}
+        for name, array in arrays.items():  # refused here, by name, never cached
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = int((~np.isfinite(array)).any(axis=tuple(range(1, array.ndim))).sum())
+                raise RunFailure(f"encode {images.name}: the model's {name!r} are not finite for {bad} of "
+                                 f"{len(array)} images: the model diverged (a learning rate too high?) or "
+                                 "the images hold NaN; nothing was cached")
+        return arrays
 
     return cache.get(key, run, dataset=images.name, **parts), key, parts

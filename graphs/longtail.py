@@ -16,7 +16,6 @@ from pathlib import Path
 
 import gin
 import ignite.distributed as idist
-import torch
 from ignite.handlers import Checkpoint
 from ignite.utils import manual_seed
 from torch import nn
@@ -24,7 +23,7 @@ from torch import nn
 from components.cache import FeatureCache, model_fingerprint
 from components.data import ProtocolData
 from graphs.encode import encode_entry
-from graphs.handlers import RunDir, describe, log, save_checkpoint
+from graphs.handlers import RunDir, describe, load_checkpoint, log, save_checkpoint
 from graphs.plots import per_class_accuracy_plot
 from graphs.recalibrate import recalibrate
 from graphs.train import train
@@ -109,7 +108,7 @@ def recalibrate_run(
                                 "of a finished longtail run")
     manifest = json.loads(path.read_text())
     net = model(num_classes=len(manifest["train_counts"]))
-    Checkpoint.load_objects({"model": net}, torch.load(manifest["checkpoint"], weights_only=True))
+    Checkpoint.load_objects({"model": net}, load_checkpoint(manifest["checkpoint"]))
     results = _recalibrate_from(manifest, net)
     return _report(run_dir, manifest["protocol"], seed, manifest["train_counts"],
                    manifest["class_names"], results, started)

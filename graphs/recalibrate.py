@@ -94,7 +94,8 @@ def fit_head(
         return _step(opt, F.cross_entropy(head(rows(index)), y))
 
     loader = row_loader(targets, batch_size, sampler, seed, epochs)
-    return _fit(Engine(update), loader, opt, epochs, description, None)
+    # seconds on cached features, often run many times in a selection: re-run, not resumed
+    return _fit(Engine(update), head, loader, opt, epochs, description, None, resumable=False)
 
 
 def _require_val(val: Split | None, method: str) -> Split:

@@ -14,7 +14,8 @@ from ignite.metrics import Average
 from torch import nn
 
 from components.data import ImageSet, image_loader
-from graphs.handlers import progress, tensorboard_logging
+from components.data.checks import check_model_input
+from graphs.handlers import check_finite_loss, progress, resume_stage, tensorboard_logging
 
 
 def _views(augment: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -38,6 +39,7 @@ def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> dict[str, flo
 
 def _fit(
     engine: Engine,
+    model: nn.Module,
     loader,
     optimizer: torch.optim.Optimizer,
     epochs: int,
@@ -45,23 +47,33 @@ def _fit(
     on_first_step: Callable[[], None] | None,
     cosine: bool = True,
     tracked: tuple[str, ...] = ("loss",),
+    resumable: bool = True,
 ) -> Engine:
     """Cosine learning-rate decay to zero over the run (unless ``cosine=False``), a progress
     bar, then run. The epoch means of the ``tracked`` step outputs (Ignite ``Average``
-    metrics) are kept, one dict per epoch, in ``engine.state.history`` (the report's curves)."""
+    metrics) are kept, one dict per epoch, in ``engine.state.history`` (the report's curves).
+
+    Inside a command-line run the stage checkpoints every epoch and resumes from an earlier,
+    interrupted run (:func:`graphs.handlers.resume_stage`), unless ``resumable=False``; a
+    non-finite loss ends it at once with a message (:func:`graphs.handlers.check_finite_loss`)."""
+    stage = description.split()[0]
     for key in tracked:
         Average(output_transform=lambda out, key=key: out[key]).attach(engine, key)
-    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "history", []))
+    check_finite_loss(engine, description, optimizer)
     engine.add_event_handler(
         Events.EPOCH_COMPLETED,
         lambda e: e.state.history.append({k: float(e.state.metrics[k]) for k in tracked}))
+    objects = {"model": model, "optimizer": optimizer}
     if cosine:
         lr = optimizer.param_groups[0]["lr"]
         total = epochs * len(loader)
-        engine.add_event_handler(
-            Events.ITERATION_STARTED,
-            CosineAnnealingScheduler(optimizer, "lr", lr, 0.0, cycle_size=total + 1),
-        )
+        scheduler = CosineAnnealingScheduler(optimizer, "lr", lr, 0.0, cycle_size=total + 1)
+        engine.add_event_handler(Events.ITERATION_STARTED, scheduler)
+        objects["scheduler"] = scheduler
+    if not resumable:
+        engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "history", []))
+    elif resume_stage(engine, stage, epochs, objects, loader.generator, loader.sampler):
+        return engine
     if on_first_step is not None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: on_first_step())
     with progress(engine, description), tensorboard_logging(engine, description.split()[0], optimizer):
@@ -117,6 +129,7 @@ def train(
     term on the projections of that view and a second augmented view of the batch, with the
     labels (SupCon, Khosla et al. 2020).
     """
+    check_model_input(images, model)
     model.to(device)
     opt = optimizer(model.parameters())
     criterion = make_loss(loss, images, getattr(model, "num_classes", 0))
@@ -143,7 +156,7 @@ def train(
     engine = Engine(update)
     _follow_epochs(engine, criterion)
     _follow_epochs(engine, head_loss)
-    return _fit(engine, loader, opt, epochs, f"train {images.name}", on_first_step,
+    return _fit(engine, model, loader, opt, epochs, f"train {images.name}", on_first_step,
                 tracked=("loss", "accuracy"))
 
 
@@ -198,7 +211,7 @@ def distill(
     loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
     engine = Engine(update)
     _follow_epochs(engine, head_loss)
-    return _fit(engine, loader, opt, epochs, f"distill {images.name}", None)
+    return _fit(engine, student, loader, opt, epochs, f"distill {images.name}", None)
 
 
 @gin.configurable(denylist=["model", "labeled", "unlabeled", "augment", "device"])
@@ -237,7 +250,7 @@ def adapt(
         return _step(opt, value)
 
     loader = image_loader(both, batch_size, sampler="instance", drop_last=True, seed=seed)
-    return _fit(Engine(update), loader, opt, epochs, f"adapt {both.name}", None, cosine)
+    return _fit(Engine(update), model, loader, opt, epochs, f"adapt {both.name}", None, cosine)
 
 
 @gin.configurable(denylist=["model", "images", "augment", "device"])
@@ -255,6 +268,7 @@ def pretrain(
     """Self-supervised start before supervised training: SimCLR (Chen et al., ICML 2020), i.e.
     ``loss`` (:class:`SupConLoss` without labels is NT-Xent) between the projections of two
     augmented views of each image, labels unused, so labeled and unlabeled images train alike."""
+    check_model_input(images, model)
     model.to(device)
     opt = optimizer(model.parameters())
 
@@ -264,4 +278,4 @@ def pretrain(
         return _step(opt, loss(first, second))
 
     loader = image_loader(images, batch_size, sampler="instance", drop_last=True, seed=seed)
-    return _fit(Engine(update), loader, opt, epochs, f"pretrain {images.name}", None)
+    return _fit(Engine(update), model, loader, opt, epochs, f"pretrain {images.name}", None)

@@ -87,10 +87,17 @@ def test_unknown_k_is_estimated_by_silhouette_and_gcd_scores_every_candidate():
     assert len(result.centroids) - 3 == 2 and set(result.k_scores) == set(range(1, 7))
     assert result.k_estimate == 2 and max(result.k_scores, key=result.k_scores.get) == 2
     assert adjusted_rand_score(truth, result.labels) == pytest.approx(1.0)
-    # GCD's rule: held-out labeled samples clustered as unlabeled; here they stay with their
-    # class for every k up to 5, so its accuracy is flat and the smallest k wins the tie
+    # GCD's rule (held-out labeled samples clustered as unlabeled) cannot tell k on this data,
+    # as docs/discovery.md says: the old classes keep their anchors, so the held-out samples stay
+    # with their class whatever the number of free clusters, and the accuracy is a plateau that
+    # holds the true k (2) as well as 1 (measured: 1.0 for k = 1..4, 0.89 for 5 and 6). The
+    # documented tie rule then picks the plateau's smallest k, 1: a wrong k, pinned as the
+    # documented behaviour, not as a right answer (silhouette above and probe below find it).
     gcd = SemiSupervisedKMeans(k_new=None, k_max=6, estimate="gcd")(unlabeled, labeled, labeled_y, 3)
-    assert set(gcd.k_scores) == set(range(1, 7)) and gcd.k_scores[1] == 1.0 and gcd.k_estimate == 1
+    assert set(gcd.k_scores) == set(range(1, 7))
+    plateau = [k for k, s in gcd.k_scores.items() if s == max(gcd.k_scores.values())]
+    assert {1, 2} <= set(plateau)  # the true k scores no better than a wrong one
+    assert gcd.k_estimate == min(plateau) == 1 and len(gcd.centroids) == 3 + 1
     with pytest.raises(ValueError, match="labeled samples to hold out"):
         SemiSupervisedKMeans(k_new=None, estimate="gcd")(unlabeled, labeled[::10], labeled_y[::10], 3)
 

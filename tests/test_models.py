@@ -35,8 +35,19 @@ def test_small_convnet_width_from_gin():
 
 
 def test_gin_bindings_do_not_leak_between_tests():
-    # the previous test bound SmallConvNet.width = 3; conftest clears it after each test
-    assert SmallConvNet().out_dim == 4 * 32
+    """conftest's autouse ``clear_gin`` is what keeps one test's bindings out of the next. The
+    test makes its own binding and runs that fixture's teardown itself, so it checks the same
+    thing whatever ran before it (it used to rely on the previous test's binding, and alone it
+    passed without checking anything)."""
+    from conftest import clear_gin
+
+    gin.parse_config("SmallConvNet.width = 3")
+    assert SmallConvNet().out_dim == 12  # the binding is live, as in a test that made it
+    fixture = clear_gin.__wrapped__()  # the fixture's own code: up to its yield, then teardown
+    next(fixture)
+    with pytest.raises(StopIteration):
+        next(fixture)
+    assert SmallConvNet().out_dim == 4 * 32  # what the next test sees: the default width
 
 
 def _layer1_size(backbone: TorchvisionBackbone, x: torch.Tensor) -> tuple[int, int]:

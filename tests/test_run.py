@@ -76,13 +76,15 @@ def test_help_lists_the_options(capsys):
 
 
 def test_whole_loop_on_digits(tmp_path):
-    code, run_dir = _run(tmp_path, *SHORT)
+    # long enough for the student to learn the new classes (2 + 2 epochs learned none of them)
+    code, run_dir = _run(tmp_path, *SHORT, "adapt.epochs = 20", "distill.epochs = 20")
     assert code == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["protocol"] == "digits-7/3" and metrics["k_new"] == 3
     assert metrics["k_scores"] == {}  # k_new was given, nothing was estimated
-    for group in ("all", "old", "new"):
-        assert 0.0 <= metrics["test"][group] <= 1.0
+    # the student keeps the old classes and learns the new ones: measured old 0.98, new 0.67,
+    # all 0.89 on seed 0 (chance is 0.10; a student that learned no new class scored new 0.0)
+    assert metrics["test"]["old"] > 0.85 and metrics["test"]["new"] > 0.45 and metrics["test"]["all"] > 0.7
     # Fifteen short epochs of a small convnet on the long-tailed old classes beat chance by far.
     assert metrics["teacher_old_accuracy"] > 0.5
     assert 0.5 < metrics["novelty"]["auroc"] <= 1.0
@@ -128,8 +130,13 @@ def test_novelty_measures_every_score_with_a_histogram_each(tmp_path):
     names = {"max-softmax", "entropy", "margin", "max-logit", "energy", "knn-k1", "knn-k10", "knn-k50",
              "knn-k10-ivf128", "knn-k50-ivf64", "mahalanobis", "evidential"}
     assert set(metrics["scores"]) == names
+    # measured on seed 0: the logit scores, Mahalanobis and 1-NN 0.77-0.89; kNN with k = 10, 50
+    # and the evidential head below chance after 12 epochs (a tiny long-tailed training set)
+    separating = {"energy", "max-logit", "max-softmax", "entropy", "margin", "mahalanobis", "knn-k1"}
     for name, row in metrics["scores"].items():
-        assert 0.0 <= row["novelty"]["auroc"] <= 1.0 and 0.0 <= row["novelty"]["fpr95"] <= 1.0, name
+        assert isinstance(row["novelty"]["auroc"], float) and isinstance(row["novelty"]["fpr95"], float), name
+        if name in separating:
+            assert row["novelty"]["auroc"] > 0.68, name
         assert row["pool"]["threshold"] == row["pool"]["threshold"], name  # chosen, not NaN
         assert (run_dir / f"scores_{name}.png").stat().st_size > 5_000
     # the default energy score of a digits model separates new digits well above chance
@@ -146,7 +153,7 @@ def test_novelty_reports_what_it_can_on_bad_input(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "EvidentialHead" in metrics["scores"]["evidential"]["error"]
     row = metrics["scores"]["max-softmax"]
-    assert 0.0 <= row["novelty"]["auroc"] <= 1.0  # measured without held-out images ...
+    assert isinstance(row["novelty"]["auroc"], float)  # measured without held-out images ...
     assert "val_per_class" in row["threshold_error"]  # ... but no threshold to pool with
     assert metrics["temperature"] == 1.0 and any("temperature" in n for n in metrics["notes"])
 
@@ -202,7 +209,7 @@ def test_discovery_clusters_the_stream_and_estimates_k(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["k_new"] == metrics["k_new_true"] == 3
     assert 1 <= metrics["k_estimated"] <= 4 and set(metrics["k_scores"]) == {"1", "2", "3", "4"}
-    assert 0.0 <= metrics["assigned_new"]["precision"] <= 1.0
+    assert metrics["assigned_new"]["precision"] > 0.3  # the stream's share of new digits is 0.3
     assert metrics["stream"]["all"] > 0.5  # far above chance (10 classes) even after 3 epochs
     names = sorted(p.name.split("_")[0] for p in (run_dir / "checkpoints").glob("*.pt"))
     assert names == ["model", "representation"]
@@ -217,7 +224,8 @@ def test_discovery_clusters_the_stream_and_estimates_k(tmp_path):
     assert code == 0
     redone = json.loads((again / "metrics.json").read_text())
     assert redone["source"] == str(run_dir) and redone["k_new"] == 3
-    assert redone["stream"] != metrics["stream"]  # another geometry, another clustering
+    # whitened features cluster the new digits far better: measured new 0.51 -> 0.82 on seed 0
+    assert redone["stream"]["new"] > metrics["stream"]["new"] + 0.15
     assert not (again / "checkpoints").exists()
 
 

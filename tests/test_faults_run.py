@@ -1,0 +1,199 @@
+"""Faults of a whole run: killed, interrupted, out of space, a diverged loss, a reused run
+folder, a checkpoint that pickles code. Each test starts the real command line (a subprocess
+where a signal or a resource limit is involved) on a short digits run and checks what the
+library promises in docs/reliability.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.run import CONFIG_ERROR, FAILED, INTERRUPTED, main
+from graphs.handlers import RunFailure, load_checkpoint
+
+pytestmark = pytest.mark.faults
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # bit-identical reruns
+# the real loop (gin/distill.gin), shorter
+TINY = ["train.epochs = 6", "adapt.epochs = 3", "distill.epochs = 4", "SemiSupervisedKMeans.n_init = 1",
+        "SamplePool.trigger_size = 120"]
+
+
+def _argv(run_dir: Path, cache: Path, *bindings: str) -> list[str]:
+    argv = ["--gin", "gin/distill.gin", "--run-dir", str(run_dir), "--gin-bindings",
+            f"FeatureCache.root = '{cache}'"]
+    for b in [*TINY, *bindings]:
+        argv += ["--gin-bindings", b]
+    return argv
+
+
+def _start(argv: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "components.run", *argv], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    process = _start(argv, **kwargs)
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _results(run_dir: Path) -> dict:
+    """What a run measured (no wall-clock times)."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {k: m[k] for k in ("test", "pool", "novelty", "teacher_old_accuracy")}
+
+
+def _wait_for(pattern: str, folder: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob(pattern)):
+        assert process.poll() is None, f"the run ended before {pattern} appeared"
+        assert time.monotonic() < deadline, f"{pattern} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted short run: what every interrupted one must end with."""
+    folder = tmp_path_factory.mktemp("reference")
+    done = _run(_argv(folder / "run", folder / "cache"))
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+@pytest.mark.parametrize("moment", [
+    "stages/run-01-train/epoch_checkpoint_2.pt",  # during training
+    "stages/run-02-adapt/epoch_checkpoint_1.pt",  # during the representation step
+    "stages/run-03-distill/epoch_checkpoint_2.pt",  # during distillation, after encode wrote the cache
+])
+def test_a_run_killed_at_any_moment_resumes_to_the_same_metrics(reference, tmp_path, moment):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    process = _start(_argv(run_dir, cache))
+    _wait_for(moment, run_dir, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (run_dir / "metrics.json").exists()
+    resumed = _run(_argv(run_dir, cache))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed: run-01-train" in " ".join(resumed.stderr.split())  # it says what it skipped
+    assert _results(run_dir) == _results(reference / "run")
+    assert not (run_dir / "stages").exists()  # the finished run keeps no epoch checkpoints
+
+
+def test_a_finished_run_is_left_alone_and_fresh_starts_over(reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "run", run_dir)
+    before = {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file()}
+    again = _run(_argv(run_dir, reference / "cache"))
+    assert again.returncode == 0 and "holds a finished run" in " ".join(again.stderr.split())
+    assert {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file()} == before
+    # another configuration into the same folder is refused, nothing touched
+    other = _run(_argv(run_dir, reference / "cache", "SEED = 1"))
+    assert other.returncode == CONFIG_ERROR and "another configuration" in " ".join(other.stderr.split())
+    assert {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file()} == before
+    # --fresh starts over: one set of checkpoints, the same results
+    fresh = _run(_argv(run_dir, reference / "cache") + ["--fresh"])
+    assert fresh.returncode == 0, fresh.stderr
+    assert len(list((run_dir / "checkpoints").glob("*.pt"))) == 2
+    assert _results(run_dir) == _results(reference / "run")
+
+
+def test_a_diverging_loss_stops_in_its_first_epoch_with_one_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code = main(_argv(tmp_path / "run", tmp_path / "cache", "torch.optim.SGD.lr = 1e4"))
+    import re
+
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == FAILED
+    found = re.search(r"train \S+: the loss became (nan|inf|-inf) at epoch (\d+), iteration \d+", err)
+    assert found and "learning rate" in err and "In call to configurable" not in err
+    assert "Traceback" not in err and "Traceback" in (tmp_path / "run" / "error.log").read_text()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    # it stopped in the epoch of the first non-finite loss: the last saved epoch is the one before
+    epoch = int(found.group(2))
+    saved = [int(f.stem.split("_")[-1]) for f in (tmp_path / "run" / "stages").rglob("*.pt")]
+    assert max(saved, default=0) == epoch - 1
+
+
+def test_a_run_dir_that_is_a_file_or_not_writable_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    assert main(_argv(a_file, tmp_path / "cache")) == CONFIG_ERROR
+    assert "is a file" in capsys.readouterr().err
+    monkeypatch.setattr("components.run.os.access", lambda *_: False)  # root may write anywhere
+    assert main(_argv(tmp_path / "run", tmp_path / "cache")) == CONFIG_ERROR
+    assert "not writable" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+class _Runs:
+    """Pickles as a call that leaves a file behind: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_not_run(tmp_path):
+    path, marker = tmp_path / "evil.pt", tmp_path / "it ran"
+    torch.save({"model": {"weight": torch.zeros(2)}, "extra": _Runs(str(marker))}, path)
+    with pytest.raises(RunFailure, match="refusing to load .*pickled Python objects"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "good.pt")  # tensors load as before
+    assert load_checkpoint(tmp_path / "good.pt")["weight"].shape == (2,)
+
+
+def test_ctrl_c_ends_with_one_line_and_130_and_the_run_resumes(reference, tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    process = _start(_argv(run_dir, cache))
+    _wait_for("stages/run-01-train/epoch_checkpoint_2.pt", run_dir, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == INTERRUPTED
+    assert "interrupted" in err and "Traceback" not in err
+    resumed = _run(_argv(run_dir, cache))
+    assert resumed.returncode == 0 and "resumed: run-01-train (epoch" in " ".join(resumed.stderr.split())
+    assert _results(run_dir) == _results(reference / "run")
+
+
+def test_a_write_that_fails_names_the_file_and_keeps_every_earlier_one(reference, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) as a full disk: every file larger than the largest cache
+    entry (the epoch checkpoints) cannot be written."""
+    from components.cache import FeatureCache
+
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    largest = max(f.stat().st_size for f in (reference / "cache").glob("*.h5"))
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest - 1, largest - 1))
+
+    failed = _run(_argv(run_dir, cache), preexec_fn=limit)
+    err = " ".join(failed.stderr.split())
+    assert failed.returncode == FAILED and "could not write" in err and "earlier files are intact" in err
+    assert str(run_dir / "stages") in err  # the file that failed
+    assert "Traceback" not in failed.stderr
+    store = FeatureCache(str(cache))
+    for entry in cache.glob("*.h5"):  # every entry written before the failure reads back whole
+        assert store.load(entry.stem) is not None, entry
+    for checkpoint in run_dir.rglob("*.pt"):
+        load_checkpoint(checkpoint)
+    assert not (run_dir / "metrics.json").exists()
+    resumed = _run(_argv(run_dir, cache))  # space again: the run resumes and ends as it should
+    assert resumed.returncode == 0, resumed.stderr
+    assert _results(run_dir) == _results(reference / "run")
