@@ -268,7 +268,10 @@ def prepare_run_dir(path: Path, config: str, fresh: bool) -> dict | None:
                           f"{' / '.join(diff[:2])}); resume it with the same files and bindings, "
                           "start over with --fresh, or choose another --run-dir")
     if (path / "metrics.json").exists():
-        return json.loads((path / "metrics.json").read_text())
+        try:
+            return json.loads((path / "metrics.json").read_text())
+        except ValueError:  # damaged: the run is not known to be finished, so it runs (resumes) again
+            console.print(f"{path / 'metrics.json'} is not valid JSON: running again to rewrite it")
     return None
 
 

@@ -62,6 +62,7 @@ from graphs.encode import encode
 from graphs.handlers import (
     CheckedDiskSaver,
     RunDir,
+    RunFailure,
     describe,
     drop_stage_scope,
     load_checkpoint,
@@ -271,9 +272,16 @@ class ContinualLoop:
         folder newer than the saved state was written by a round that did not finish: it goes,
         and the round runs again."""
         saved = sorted(Path(folder).glob("state_*.pt"), key=lambda f: int(f.stem.split("_")[-1]))
+        while saved:  # the newest that reads; a damaged one is set aside (the round runs again)
+            try:
+                state = load_checkpoint(saved[-1])
+                break
+            except RunFailure as error:
+                log.warning(f"[yellow]{error}; using the one before it[/]")
+                damaged = saved.pop()
+                damaged.rename(damaged.with_suffix(".damaged"))
         if not saved:
             return False
-        state = load_checkpoint(saved[-1])
         Checkpoint.load_objects({"loop": self.state}, state)  # one object: saved flat, beside ...
         checkpoint.load_state_dict(state["checkpointer"])  # ... the handler's own list (include_self)
         self.model = self.make_model(num_classes=len(self.state.classes))

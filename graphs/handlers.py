@@ -379,8 +379,15 @@ def resume_stage(engine: Engine, stage: str, epochs: int, objects: dict[str, Any
     checkpoint = Checkpoint(to_save, CheckedDiskSaver(str(folder), require_empty=False, create_dir=True),
                             filename_prefix="epoch", n_saved=2,
                             global_step_transform=lambda e, _: e.state.epoch)
-    if saved:
-        Checkpoint.load_objects(to_save, load_checkpoint(saved[-1]))
+    while saved:  # the newest that reads; a damaged one is set aside, the one before it used
+        try:
+            state = load_checkpoint(saved[-1])
+        except RunFailure as error:
+            log.warning(f"[yellow]{error}; using the one before it[/]")
+            saved[-1].rename(saved[-1].with_suffix(".damaged"))
+            saved.pop()
+            continue
+        Checkpoint.load_objects(to_save, state)
         done = engine.state.epoch
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(done)
@@ -395,6 +402,7 @@ def resume_stage(engine: Engine, stage: str, epochs: int, objects: dict[str, Any
         # older file is pruned as usual
         for f in saved:
             checkpoint._saved.append(Checkpoint.Item(int(f.stem.split("_")[-1]), f.name))  # noqa: SLF001
+        break
     engine.add_event_handler(Events.EPOCH_COMPLETED, _drain_loader)
     engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
     return False

@@ -131,7 +131,8 @@ def _comparable(metrics: dict) -> dict:
     return out
 
 
-def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("damage", [False, True])
+def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_path, damage):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "components.run", "--quiet"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -149,10 +150,14 @@ def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_pat
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "metrics.json").exists()
+    if damage:  # the newest loop state truncated: the one before it is used, that round runs again
+        newest = max((killed / "loop").glob("state_*.pt"), key=lambda f: int(f.stem.split("_")[-1]))
+        newest.write_bytes(newest.read_bytes()[:100])
     resumed = subprocess.run(command[:-1] + _argv(killed, tmp_path / "cache-b", score), cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after round" in resumed.stderr
+    assert ("using the one before it" in " ".join(resumed.stderr.split())) == damage
     expected = _comparable(_strict_json(reference / "metrics.json"))
     assert _comparable(_strict_json(killed / "metrics.json")) == expected
     # the checkpoint handler keeps two (the older goes only after the newer is on disk)

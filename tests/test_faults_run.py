@@ -110,7 +110,7 @@ def test_a_finished_run_is_left_alone_and_fresh_starts_over(reference, tmp_path)
     assert _results(run_dir) == _results(reference / "run")
 
 
-def test_a_diverging_loss_stops_in_its_first_epoch_with_one_message(tmp_path, capsys, monkeypatch):
+def test_a_diverging_loss_stops_in_the_epoch_it_diverged_with_one_message(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     code = main(_argv(tmp_path / "run", tmp_path / "cache", "torch.optim.SGD.lr = 1e4"))
     import re
@@ -196,4 +196,46 @@ def test_a_write_that_fails_names_the_file_and_keeps_every_earlier_one(reference
     assert not (run_dir / "metrics.json").exists()
     resumed = _run(_argv(run_dir, cache))  # space again: the run resumes and ends as it should
     assert resumed.returncode == 0, resumed.stderr
+    assert _results(run_dir) == _results(reference / "run")
+
+
+def test_non_finite_features_and_scores_are_refused_by_name(tmp_path):
+    import numpy as np
+
+    from components.cache import FeatureCache
+    from components.data import ImageSet
+    from components.data.loading import BatchAugment
+    from components.metrics import novelty_metrics
+    from components.models import Network, SmallConvNet
+    from graphs.encode import encode
+
+    model = Network(SmallConvNet(in_channels=1, width=4), num_classes=3)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))  # a diverged model
+    images = ImageSet(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2] * 2),
+                      ["a", "b", "c"], "x")
+    cache = FeatureCache(str(tmp_path / "cache"))
+    with pytest.raises(RunFailure, match="encode x: the model's 'features' are not finite for 6 of 6"):
+        encode(model, images, BatchAugment(), cache, torch.device("cpu"))
+    assert not list((tmp_path / "cache").glob("*.h5"))  # nothing cached
+    with pytest.raises(ValueError, match="1 non-finite values of 4"):
+        novelty_metrics(np.array([0.1, np.nan, 0.3, 0.4]), np.array([0, 1, 0, 1], bool))
+
+
+def test_a_damaged_checkpoint_or_metrics_file_costs_an_epoch_not_the_run(reference, tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    process = _start(_argv(run_dir, cache))
+    _wait_for("stages/run-01-train/epoch_checkpoint_3.pt", run_dir, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    newest = max((run_dir / "stages" / "run-01-train").glob("*.pt"), key=lambda f: int(f.stem.split("_")[-1]))
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    resumed = _run(_argv(run_dir, cache))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "using the one before it" in " ".join(resumed.stderr.split())
+    assert _results(run_dir) == _results(reference / "run")
+    # a finished run whose metrics.json was damaged is not taken for finished: it runs again
+    (run_dir / "metrics.json").write_text('{"test": {"all": 0.9')
+    again = _run(_argv(run_dir, cache))
+    assert again.returncode == 0 and "not valid JSON" in " ".join(again.stderr.split())
     assert _results(run_dir) == _results(reference / "run")
