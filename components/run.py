@@ -35,7 +35,7 @@ import components  # noqa: F401  (registers the components)
 import graphs  # noqa: F401  (registers the graphs)
 from components.gin_files import add_search_paths, gin_dir, locate, search_paths
 from components.validate import validate_config
-from graphs.handlers import RunDir, RunFailure, checkpointing, console, setup_logging
+from graphs.handlers import RunDir, RunFailure, checkpointing, console, setup_logging, stop_on_ctrl_c
 from graphs.report import show_metrics
 
 CONFIG_ERROR = 2
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def execute(run_dir: RunDir) -> int:
     """Run the configured graph in ``run_dir`` and turn its failures into the promised exits."""
     try:
-        with checkpointing(run_dir) as stages:
+        with checkpointing(run_dir) as stages, stop_on_ctrl_c():
             metrics = run(run_dir)
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted[/]: run the same command again (same --run-dir "

@@ -71,12 +71,45 @@ def _bars_shown() -> bool:
     return log.getEffectiveLevel() <= logging.INFO
 
 
+_INTERRUPTED = {"asked": False}
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """Within the block, Ctrl-C (SIGINT) asks the run to stop: the engine that is running ends
+    after its current iteration by raising ``KeyboardInterrupt`` from ordinary code (Python's
+    own handler may raise it inside a finalizer, where it is printed and ignored, and the run
+    goes on). A second Ctrl-C stops at once."""
+    import signal
+
+    def ask(signum, frame) -> None:
+        if _INTERRUPTED["asked"]:
+            raise KeyboardInterrupt
+        _INTERRUPTED["asked"] = True
+
+    previous = signal.signal(signal.SIGINT, ask)
+    _INTERRUPTED["asked"] = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED["asked"] = False
+
+
+def _stop_if_asked(engine: Engine) -> None:
+    if _INTERRUPTED["asked"]:
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def progress(engine: Engine, description: str, show: str | None = "loss"):
-    """Show a rich progress bar over every iteration of ``engine`` while the block runs.
+    """Show a rich progress bar over every iteration of ``engine`` while the block runs, and
+    stop after the current iteration when Ctrl-C was pressed (:func:`stop_on_ctrl_c`): every
+    long-running engine of the library runs inside this block.
 
     ``show`` names a key of the engine's output dict to print beside the bar (e.g. the loss).
     """
+    engine.add_event_handler(Events.ITERATION_COMPLETED, _stop_if_asked)
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False,
