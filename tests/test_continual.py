@@ -60,6 +60,14 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
     # what the full schedule reaches, above what a model without discovery could score)
     assert m["final"]["old"] >= 0.85
     assert m["discovered"] >= 2 and m["final"]["new"] >= 0.4
+    # consolidation relabeled every discovered output once, from more of the stream than the
+    # pools the rounds clustered
+    consolidation = rounds[-1]["consolidation"]
+    discovered = {c["id"] for c in m["classes"] if c["origin"] != "labeled"}
+    assert consolidation["decision"] in ("promoted", "kept")
+    assert [o["id"] for o in consolidation["outputs"]] == sorted(discovered)
+    pooled = sum(o["size"] for r in rounds for o in r.get("outputs", []))
+    assert sum(o["size"] for o in consolidation["outputs"]) > pooled
     for r in rounds[1:]:
         assert r["promotion"]["decision"] in ("promoted", "kept", "nothing to learn", "nothing pooled",
                                               "refused")
