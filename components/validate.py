@@ -89,6 +89,7 @@ RULES: dict[str, Rule] = {
     "weight_decay": at_least(0, "torch refuses a negative weight decay"),
     "momentum": at_least(0, "torch refuses a negative momentum"),
     "seed": at_least(0, "numpy and scikit-learn take only non-negative seeds"),
+    "split_seed": at_least(0, "numpy takes only non-negative seeds"),
     # losses, scores, heads
     "temperature": above(0, "logits are divided by it"),
     "beta": between(0, 1, "the effective number (1 - beta^n) / (1 - beta) needs it", high_open=True),
@@ -122,6 +123,7 @@ RULES: dict[str, Rule] = {
     # clustering
     "k": at_least(1, "at least one cluster or neighbour"),
     "k_new": at_least(1, "at least one new class (bind None to estimate it)"),
+    "n_new": at_least(1, "a protocol has at least one new class"),
     "k_max": at_least(1, "the largest number of new classes tried"),
     "n_init": at_least(1, "at least one k-means start"),
     "n_iter": at_least(1, "at least one k-means iteration"),

@@ -591,3 +591,33 @@ def test_no_warning_from_plain_protocol():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_protocol(source=None, new_classes=NEW, ratio=4, source_sets=(train, train))
+
+
+def test_split_seed_draws_the_new_classes_and_the_rank_order(tmp_path):
+    """Random protocols by seed: the classes drawn are the same for one split_seed, differ across
+    them, keep the asked sizes, and the images still follow ``seed``."""
+    from components.data import make_protocol
+    from components.data.sources import digits
+
+    sets = digits()
+
+    def protocol(**kw):
+        return make_protocol(source=None, source_sets=sets, ratio=10, val_per_class=5, val_partial=True, **kw)
+
+    a, b = protocol(split_seed=1, n_new=3), protocol(split_seed=1, n_new=3)
+    c = protocol(split_seed=2, n_new=3)
+    assert a.class_names == b.class_names and a.name == "protocol/split1"
+    assert a.n_new == 3 and a.n_old == 7
+    assert a.class_names != c.class_names  # another split, other classes (or another rank order)
+    drawn = [protocol(split_seed=s, n_new=3).class_names[7:] for s in range(6)]
+    assert len({tuple(d) for d in drawn}) > 3  # six seeds, at least four different sets of new classes
+    # the long-tail profile follows the drawn rank order: the head class has the most images
+    counts = torch.bincount(a.labeled.targets, minlength=7)
+    assert counts[0] == counts.max() and counts[6] == counts.min()
+    # phases keep their sizes, their classes are drawn
+    phased = protocol(split_seed=3, phases=[[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    assert [len(p) for p in phased.phases] == [5, 2, 3] and phased.n_new == 5
+    with pytest.raises(ValueError, match="only with a split_seed"):
+        protocol(new_classes=[7, 8, 9], n_new=3)
+    with pytest.raises(ValueError, match="n_new must be between 1 and 9"):
+        protocol(split_seed=0, n_new=10)

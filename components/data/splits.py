@@ -117,6 +117,8 @@ def make_protocol(
     distractor_fraction: float = 0.0,
     distractors: Callable[[int, Sequence[int], np.random.Generator], torch.Tensor] | None = None,
     source_sets: tuple[ImageSet, ImageSet] | None = None,
+    split_seed: int | None = None,
+    n_new: int | None = None,
 ) -> ProtocolData:
     """Build the labeled set, the stream and the test set by the split rule of docs/definitions.md.
 
@@ -141,6 +143,14 @@ def make_protocol(
     old classes keep appearing; each segment is shuffled by the seed. Classes in no phase are
     left out (test included). ``ProtocolData.segment_ends`` holds where each segment ends.
 
+    **Random protocols** (``split_seed = s``): which classes are new, and the long-tail rank
+    order of the old ones (head first), are drawn by ``s`` instead of being given, so a suite can
+    sample many protocols of one dataset (``seed`` still draws the images). Without ``phases``,
+    ``n_new`` classes are drawn as new (default: as many as ``new_classes`` lists); with
+    ``phases``, their sizes are kept and their classes drawn: the first ``len(phases[0])`` of a
+    seeded permutation are the old classes, the next ``len(phases[1])`` phase 1, and so on.
+    The classes drawn are named in ``ProtocolData.name`` (``<name>/split<s>``).
+
     **Distractors** (``distractor_fraction = f``): images of no class, target ``-1``, made by
     ``distractors`` (default :class:`~components.data.distractors.Distractors`: noise, blank
     and saturated frames, another dataset's images), ``round(f · n / (1 - f))`` of them in a
@@ -150,7 +160,13 @@ def make_protocol(
         raise ValueError(f"distractor_fraction must be in [0, 1), got {distractor_fraction}")
     train, test = source_sets if source_sets is not None else source()
     all_classes = sorted(int(c) for c in torch.unique(train.targets))
-    if phases is not None:
+    if n_new is not None and split_seed is None:
+        raise ValueError("make_protocol.n_new draws new classes only with a split_seed; give "
+                         "make_protocol.split_seed (or list make_protocol.new_classes)")
+    if split_seed is not None:
+        old, new, phases = _drawn_split(split_seed, all_classes, phases, new_classes, new_superclasses, n_new)
+        name = f"{name}/split{split_seed}"
+    elif phases is not None:
         old, new = _phase_classes(phases, new_classes, new_superclasses, all_classes, train.name)
     else:
         new = sorted(set(int(c) for c in new_classes) | set(superclass_members(new_superclasses)))
@@ -245,6 +261,29 @@ def make_protocol(
 def _named(ids: list[int], names: Sequence[str]) -> str:
     """``[9 ('boot')]``: class ids with their names where the source has one."""
     return "[" + ", ".join(f"{c} ({names[c]!r})" if 0 <= c < len(names) else str(c) for c in ids) + "]"
+
+
+def _drawn_split(split_seed: int, all_classes: list[int], phases, new_classes, new_superclasses,
+                 n_new: int | None) -> tuple[list[int], list[int], list[list[int]] | None]:
+    """``(old, new, phases)`` drawn by ``split_seed`` (see :func:`make_protocol`): the old
+    classes in a drawn rank order, the new ones, and phases of the given sizes (or None)."""
+    if list(new_superclasses):
+        raise ValueError("make_protocol.split_seed draws classes, new_superclasses names them: give one")
+    drawn = [int(c) for c in np.random.default_rng(split_seed).permutation(all_classes)]
+    if phases is not None:
+        sizes = [len(p) for p in phases]
+    else:
+        count = len(list(new_classes)) if n_new is None else n_new
+        if not 1 <= count < len(all_classes):
+            raise ValueError(f"make_protocol.n_new must be between 1 and {len(all_classes) - 1} (the "
+                             f"classes there are, minus one old), got {count}")
+        sizes = [len(all_classes) - count, count]
+    if sum(sizes) > len(all_classes):
+        raise ValueError(f"the phases ask {sum(sizes)} classes, the data has {len(all_classes)}")
+    ends = np.cumsum(sizes)
+    lists = [drawn[e - n:e] for n, e in zip(sizes, ends, strict=True)]
+    old, new = lists[0], [c for p in lists[1:] for c in p]
+    return old, (new if phases is not None else sorted(new)), (lists if phases is not None else None)
 
 
 def _phase_classes(phases, new_classes, new_superclasses, all_classes: list[int],
