@@ -176,22 +176,23 @@ def temporaries(root: Path) -> list[Path]:
     return sorted(root.glob(".*.tmp"))
 
 
-def evict(root: Path, max_bytes: int, keep: Path | None = None) -> list[tuple[Path, int]]:
+def evict(root: Path, max_bytes: int, keep: Path | set[Path] | None = None) -> list[tuple[Path, int]]:
     """Delete the least recently used entries of ``root`` until its entries total at most
-    ``max_bytes``, never ``keep``; returns the deleted paths and sizes.
+    ``max_bytes``, never those in ``keep``; returns the deleted paths and sizes.
 
     Another process may be reading a deleted file: on POSIX it keeps its open file, and a
     later ``load`` finds the entry gone and re-encodes. Two processes evicting at once may
     delete a little more than needed, never a file that is still being written (temporaries
     are not entries).
     """
+    kept = {keep} if isinstance(keep, Path) else set(keep or ())
     listed = entries(root)
     total = sum(s.st_size for _, s in listed)
     removed = []
     for path, stat in listed:
         if total <= max_bytes:
             break
-        if path == keep:
+        if path in kept:
             continue
         path.unlink(missing_ok=True)
         total -= stat.st_size
@@ -216,6 +217,7 @@ class FeatureCache:
         if self.max_bytes is not None and self.max_bytes < 0:
             raise ValueError(f"FeatureCache.max_bytes must be at least 0, got {max_bytes}")
         self.hits = self.misses = 0
+        self.used: set[Path] = set()  # entries this process wrote or read: never evicted by it
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.h5"
@@ -275,7 +277,9 @@ class FeatureCache:
         finally:
             tmp.unlink(missing_ok=True)
         if self.max_bytes is not None:
-            removed = evict(self.root, self.max_bytes, keep=path)
+            # never what this process wrote or read: a graph may read an entry back by path
+            self.used.add(path)
+            removed = evict(self.root, self.max_bytes, keep=self.used)
             if removed:
                 log.info("feature cache over %s: removed %d least recently used entries (%s)",
                          format_size(self.max_bytes), len(removed), format_size(sum(s for _, s in removed)))
@@ -287,6 +291,7 @@ class FeatureCache:
         cached = self.load(key)
         if cached is not None:
             self.hits += 1
+            self.used.add(self.path(key))
             return cached
         self.misses += 1
         arrays = {k: np.asarray(v) for k, v in encode().items()}

@@ -42,6 +42,7 @@ CONFIG_ERROR = 2
 FAILED = 1
 INTERRUPTED = 130
 RUN_CONFIG = "run_config.gin"  # the resolved configuration, written when the folder is made
+FINISHED = "finished"  # written last, after metrics, report and plots: the run is complete
 
 
 class ConfigError(Exception):
@@ -196,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         show_metrics(finished)
         return 0
     run_dir = RunDir(path, on_create=lambda d: d.write_text(RUN_CONFIG, config))
+    if path.exists() and not (path / RUN_CONFIG).exists():  # an empty folder made beforehand
+        run_dir.write_text(RUN_CONFIG, config)
     return execute(run_dir)
 
 
@@ -208,8 +211,13 @@ def execute(run_dir: RunDir) -> int:
         console.print(f"[bold red]interrupted[/]: run the same command again (same --run-dir "
                       f"{run_dir.path}) to resume after the last finished epoch")
         return INTERRUPTED
-    except (RunFailure, ValueError, OSError) as error:
+    except Exception as error:
         started = run_dir.created
+        # documented failures: bad input (ValueError), RunFailure, a failed read or write, and
+        # gin's own complaint about a binding it was never given; anything else is a bug
+        missing = isinstance(error, RuntimeError) and "Required bindings" in str(error)
+        if not isinstance(error, (RunFailure, ValueError, OSError)) and not missing:
+            raise
         if started:  # the whole story for whoever debugs it, beside the run
             with contextlib.suppress(OSError):  # the disk may be what failed
                 (run_dir.path / "error.log").write_text(traceback.format_exc())
@@ -223,6 +231,7 @@ def execute(run_dir: RunDir) -> int:
     if stages.resumed:
         console.print(f"resumed: {', '.join(stages.resumed)}")
     shutil.rmtree(run_dir.path / "stages", ignore_errors=True)  # the run is done: bounded disk
+    run_dir.write_text(FINISHED, "")
     show_metrics(metrics)
     console.print(f"run directory: [bold]{run_dir.path}[/]")  # shown even with --quiet
     return 0
@@ -235,14 +244,16 @@ WHERE_ONLY = ("FeatureCache.root", "FeatureCache.max_bytes", "tensorboard.log_di
 def _results_config(config: str) -> list[str]:
     """The configuration's bindings, one per line (gin wraps long ones), the where-only ones out."""
     lines = re.sub(r"\\\n\s*", " ", config).splitlines()
-    return [line for line in lines if not line.strip().startswith(WHERE_ONLY)]
+    return [line for line in lines
+            if line.strip() and not line.startswith("#") and not line.strip().startswith(WHERE_ONLY)]
 
 
 def prepare_run_dir(path: Path, config: str, fresh: bool) -> dict | None:
     """Check the run folder before any work. Returns the metrics of a finished run found there
-    (nothing is to be done), else None. Refuses (``ConfigError``) a path that is a file or not
-    writable, and a folder holding a run of another configuration; ``fresh`` empties a folder
-    that holds a run (and nothing else) first."""
+    (its ``finished`` marker is written last, after the report: nothing is to be done), else
+    None. Refuses (``ConfigError``) a path that is a file or not writable, a folder of files
+    with no recorded configuration, and a folder holding a run of another configuration;
+    ``fresh`` empties a folder that holds a run first."""
     import json
 
     if path.exists() and not path.is_dir():
@@ -253,11 +264,15 @@ def prepare_run_dir(path: Path, config: str, fresh: bool) -> dict | None:
     if not path.exists() or not any(path.iterdir()):
         return None
     recorded = path / RUN_CONFIG
+    if not recorded.exists() and not fresh:
+        raise ConfigError(f"{path} holds files but no {RUN_CONFIG} (a run of an older version, or not a "
+                          "run folder): nothing tells which configuration made them; start over with "
+                          "--fresh or choose another --run-dir")
     if fresh:
         if not recorded.exists() and not (path / "metrics.json").exists():
             raise ConfigError(f"--fresh: {path} does not hold a run of this library (no {RUN_CONFIG}); "
                               "refusing to empty it, remove it yourself")
-        shutil.rmtree(path)
+        shutil.rmtree(path)  # the whole folder: it holds a run (checked above), and --fresh asks it
         return None
     if recorded.exists() and _results_config(recorded.read_text()) != _results_config(config):
         diff = [line for line in difflib.unified_diff(_results_config(recorded.read_text()),
@@ -267,7 +282,7 @@ def prepare_run_dir(path: Path, config: str, fresh: bool) -> dict | None:
         raise ConfigError(f"{path} holds a run of another configuration (first difference: "
                           f"{' / '.join(diff[:2])}); resume it with the same files and bindings, "
                           "start over with --fresh, or choose another --run-dir")
-    if (path / "metrics.json").exists():
+    if (path / FINISHED).exists() and (path / "metrics.json").exists():
         try:
             return json.loads((path / "metrics.json").read_text())
         except ValueError:  # damaged: the run is not known to be finished, so it runs (resumes) again

@@ -234,11 +234,9 @@ class ContinualLoop:
             self._write_version()
             drop_stage_scope(f"round-{self.state.round}")  # its stages' epochs are not needed now
 
-        finished = self.run_dir.path / "metrics.json"
+        # a finished run is left alone by the command line (components.run); here, a loop whose
+        # last round was saved writes its metrics and report (again: it may have died writing them)
         resumed = self._resume(saver.dirname, checkpoint)
-        if resumed and self.state.done and finished.exists():
-            log.info(f"{self.run_dir.path} holds a finished run: nothing to do, nothing written")
-            return json.loads(finished.read_text())
         def one_round(engine: Engine, r: int) -> None:
             with stage_scope(f"round-{r}"):  # a resumed round finds its stages' epochs
                 self._round(engine, r)
@@ -476,6 +474,8 @@ class ContinualLoop:
         on_l = encode(learner, memory, self.augment, self.cache, self.device)
         labeler = copy.copy(self.labeler)  # k is known now: the classes the loop kept
         labeler.k_new = k
+        if hasattr(labeler, "overcluster"):  # one cluster per output here
+            labeler.overcluster = 1
         result = labeler(on_u[self.cluster_on], on_l[self.cluster_on], on_l["targets"], n_old)
         # each new cluster takes the discovered output it shares most samples with
         new = result.labels >= n_old

@@ -86,6 +86,7 @@ def stop_on_ctrl_c():
         if _INTERRUPTED["asked"]:
             raise KeyboardInterrupt
         _INTERRUPTED["asked"] = True
+        console.print("stopping after the current step (Ctrl-C again to stop at once)")
 
     previous = signal.signal(signal.SIGINT, ask)
     _INTERRUPTED["asked"] = False

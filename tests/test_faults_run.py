@@ -54,11 +54,15 @@ def _results(run_dir: Path) -> dict:
     return {k: m[k] for k in ("test", "pool", "novelty", "teacher_old_accuracy")}
 
 
-def _wait_for(pattern: str, folder: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(moment: str, folder: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``stages/<stage>/epoch_checkpoint_<n>.pt`` or a later epoch of that stage is on
+    disk (``n_saved=2`` prunes older epochs, so an exact file may come and go unseen)."""
+    stage, name = moment.split("/")[-2:]
+    wanted = int(name.split("_")[-1].split(".")[0])
     deadline = time.monotonic() + timeout
-    while not list(folder.glob(pattern)):
-        assert process.poll() is None, f"the run ended before {pattern} appeared"
-        assert time.monotonic() < deadline, f"{pattern} never appeared"
+    while not any(int(f.stem.split("_")[-1]) >= wanted for f in (folder / "stages" / stage).glob("*.pt")):
+        assert process.poll() is None, f"the run ended before {moment} appeared"
+        assert time.monotonic() < deadline, f"{moment} never appeared"
         time.sleep(0.02)
 
 
@@ -172,25 +176,33 @@ def test_ctrl_c_ends_with_one_line_and_130_and_the_run_resumes(reference, tmp_pa
 
 
 def test_a_write_that_fails_names_the_file_and_keeps_every_earlier_one(reference, tmp_path):
-    """A file-size limit (RLIMIT_FSIZE) as a full disk: every file larger than the largest cache
-    entry (the epoch checkpoints) cannot be written."""
+    """A file-size limit (RLIMIT_FSIZE) as a full disk. The run is first killed inside the
+    representation step, so training's checkpoints and cache entries are on disk; started again
+    under a limit below the size of an epoch checkpoint, its next write fails."""
     from components.cache import FeatureCache
 
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    largest = max(f.stat().st_size for f in (reference / "cache").glob("*.h5"))
+    process = _start(_argv(run_dir, cache))
+    _wait_for("stages/run-02-adapt/epoch_checkpoint_1.pt", run_dir, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    before = {f: f.read_bytes() for f in [*cache.glob("*.h5"), *run_dir.rglob("*.pt")]}
+    assert any(f.suffix == ".h5" for f in before) and any(f.suffix == ".pt" for f in before)
+    limit_bytes = min(f.stat().st_size for f in run_dir.glob("stages/run-02-adapt/*.pt")) - 1
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (largest - 1, largest - 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
     failed = _run(_argv(run_dir, cache), preexec_fn=limit)
     err = " ".join(failed.stderr.split())
     assert failed.returncode == FAILED and "could not write" in err and "earlier files are intact" in err
-    assert str(run_dir / "stages") in err  # the file that failed
-    assert "Traceback" not in failed.stderr
+    assert str(run_dir / "stages") in err and "Traceback" not in failed.stderr  # the file that failed
+    for path, content in before.items():  # every file written before reads back, unchanged
+        if path.exists():  # (an older epoch may have been pruned as usual)
+            assert path.read_bytes() == content, path
     store = FeatureCache(str(cache))
-    for entry in cache.glob("*.h5"):  # every entry written before the failure reads back whole
-        assert store.load(entry.stem) is not None, entry
+    assert all(store.load(entry.stem) is not None for entry in cache.glob("*.h5"))
     for checkpoint in run_dir.rglob("*.pt"):
         load_checkpoint(checkpoint)
     assert not (run_dir / "metrics.json").exists()
@@ -239,3 +251,30 @@ def test_a_damaged_checkpoint_or_metrics_file_costs_an_epoch_not_the_run(referen
     again = _run(_argv(run_dir, cache))
     assert again.returncode == 0 and "not valid JSON" in " ".join(again.stderr.split())
     assert _results(run_dir) == _results(reference / "run")
+
+
+def test_a_missing_binding_is_a_config_error_and_a_folder_without_a_recorded_config_is_refused(
+        tmp_path, capsys, monkeypatch):
+    from components.run import ConfigError, prepare_run_dir
+
+    monkeypatch.chdir(ROOT)
+    # a gin file with no graph bound: gin's own complaint, before any work
+    assert main(["--gin", "gin/models/small_convnet.gin", "--run-dir", str(tmp_path / "run")]) == CONFIG_ERROR
+    assert "Required bindings" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # files but no run_config.gin: nothing says which configuration made them
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no run_config.gin"):
+        prepare_run_dir(old, "SEED = 0", fresh=False)
+    # metrics.json without the finished marker (killed while writing the report): not finished
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "run_config.gin").write_text("SEED = 0\n")
+    (done / "metrics.json").write_text("{}")
+    assert prepare_run_dir(done, "SEED = 0\n", fresh=False) is None
+    (done / "finished").write_text("")
+    assert prepare_run_dir(done, "SEED = 0\n", fresh=False) == {}
+    # bindings that only say where things go may be added, comments and blank lines aside
+    assert prepare_run_dir(done, "SEED = 0\n\n# Parameters for FeatureCache:\nFeatureCache.root = 'x'\n",
+                           fresh=False) == {}
