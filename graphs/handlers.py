@@ -455,7 +455,8 @@ def _drain_loader(engine: Engine) -> None:
             pass
 
 
-def check_finite_loss(engine: Engine, stage: str, optimizer: torch.optim.Optimizer | None) -> None:
+def check_finite_loss(engine: Engine, stage: str, optimizer: torch.optim.Optimizer | None,
+                      checkpointed: bool = True) -> None:
     """End the stage on the first non-finite loss with one message that names the stage, epoch
     and iteration and the usual causes; the last epoch checkpoint stays as it was."""
 
@@ -466,11 +467,12 @@ def check_finite_loss(engine: Engine, stage: str, optimizer: torch.optim.Optimiz
             return
         lr = f" (it is {optimizer.param_groups[0]['lr']:.3g} now)" if optimizer is not None else ""
         where = (f" The last good checkpoint (epoch {e.state.epoch - 1}) is kept in "
-                 f"{_STAGES.run_dir.path / 'stages'};" if _STAGES is not None and e.state.epoch > 1 else "")
+                 f"{_STAGES.run_dir.path / 'stages'}." if checkpointed and _STAGES is not None
+                 and e.state.epoch > 1 else "")
         raise NonFiniteLoss(
             f"{stage}: the loss became {float(value)} at epoch {e.state.epoch}, iteration "
             f"{e.state.iteration}. Likely causes: a learning rate too high{lr}, loss weights too "
-            f"large, or non-finite input images.{where} Lower the rate (e.g. --gin-bindings "
+            f"large, or non-finite input images.{where} Lower the rate (for SGD, e.g. --gin-bindings "
             f"'torch.optim.SGD.lr = 0.01') and start again with --fresh")
 
     engine.add_event_handler(Events.ITERATION_COMPLETED, check)

@@ -59,7 +59,7 @@ def _fit(
     stage = description.split()[0]
     for key in tracked:
         Average(output_transform=lambda out, key=key: out[key]).attach(engine, key)
-    check_finite_loss(engine, description, optimizer)
+    check_finite_loss(engine, description, optimizer, checkpointed=resumable)
     engine.add_event_handler(
         Events.EPOCH_COMPLETED,
         lambda e: e.state.history.append({k: float(e.state.metrics[k]) for k in tracked}))
