@@ -231,6 +231,7 @@ def execute(run_dir: RunDir) -> int:
     if stages.resumed:
         console.print(f"resumed: {', '.join(stages.resumed)}")
     shutil.rmtree(run_dir.path / "stages", ignore_errors=True)  # the run is done: bounded disk
+    (run_dir.path / "error.log").unlink(missing_ok=True)  # an earlier attempt's, now resumed
     run_dir.write_text(FINISHED, "")
     show_metrics(metrics)
     console.print(f"run directory: [bold]{run_dir.path}[/]")  # shown even with --quiet

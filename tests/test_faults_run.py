@@ -206,9 +206,11 @@ def test_a_write_that_fails_names_the_file_and_keeps_every_earlier_one(reference
     for checkpoint in run_dir.rglob("*.pt"):
         load_checkpoint(checkpoint)
     assert not (run_dir / "metrics.json").exists()
+    assert (run_dir / "error.log").exists()
     resumed = _run(_argv(run_dir, cache))  # space again: the run resumes and ends as it should
     assert resumed.returncode == 0, resumed.stderr
     assert _results(run_dir) == _results(reference / "run")
+    assert not (run_dir / "error.log").exists()  # the failed attempt's log goes with its failure
 
 
 def test_non_finite_features_and_scores_are_refused_by_name(tmp_path):
