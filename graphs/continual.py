@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -65,6 +64,7 @@ from graphs.handlers import (
     RunFailure,
     describe,
     drop_stage_scope,
+    finite_json,
     load_checkpoint,
     log,
     stage_scope,
@@ -119,19 +119,6 @@ class LoopState:
         self.weights, self.elapsed = state["model"], float(state["elapsed"])
         self.pool.load_state_dict(state["pool"])
         self.memory.load_state_dict(state["memory"])
-
-
-def _finite(value):
-    """JSON-safe: NaN and inf become None (strict JSON readers refuse bare NaN)."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 @gin.configurable(denylist=["run_dir"])
@@ -340,7 +327,7 @@ class ContinualLoop:
                   "trigger": "pool" if st.pool.ready else "end of stream", "pooled": len(st.pool),
                   "k_estimated": None, "accepted": [], "rejected": [], "version": st.version}
         truth = p.stream.targets.numpy()
-        record["pool_truth"] = _finite(_pool_truth(truth[st.pool.ids], p))
+        record["pool_truth"] = finite_json(_pool_truth(truth[st.pool.ids], p))
         if len(st.pool):
             engine.fire_event(LoopEvents.POOL_READY)
             self._discover(engine, r, record)
@@ -355,7 +342,7 @@ class ContinualLoop:
         record["version"] = st.version
         record["accuracy"] = self._evaluate()
         record["seconds"] = time.perf_counter() - started
-        st.rounds.append(_finite(record))
+        st.rounds.append(finite_json(record))
         st.round = r
         st.done = ended
         log.info(f"round {r}: stream {start}→{st.position}, {record['pooled']} pooled, "
@@ -581,7 +568,7 @@ class ContinualLoop:
         for phase in range(1, len(self.protocol.phases)):
             accuracy.setdefault(f"phase {phase}", None)
         accuracy.setdefault("new", None)
-        return _finite(accuracy)
+        return finite_json(accuracy)
 
     def _write_version(self) -> None:
         """``versions/v<n>/`` for the current version, once its state is saved: the model's
@@ -600,8 +587,8 @@ class ContinualLoop:
         torch.save(self.model.state_dict(), tmp / "model.pt")
         table = {"version": st.version, "parent": st.version - 1 if st.version else None,
                  "round": made["round"], "decision": made["promotion"]["why"], "classes": st.classes}
-        (tmp / "classes.json").write_text(json.dumps(_finite(table), indent=2) + "\n")
-        (tmp / "metrics.json").write_text(json.dumps(_finite({
+        (tmp / "classes.json").write_text(json.dumps(finite_json(table), indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(finite_json({
             "val_accuracy": self._val_accuracy(self.model), "threshold": st.threshold,
             "temperature": st.temperature}), indent=2) + "\n")
         tmp.rename(folder)
@@ -630,7 +617,7 @@ class ContinualLoop:
             sum(n for c, n in matched.items() if 0 <= c < p.n_old)
         spurious = sum(1 for a in promoted if a["truth"]["majority"] == -1)
         stream_truth = p.stream.targets.numpy()
-        return _finite({
+        return finite_json({
             "protocol": p.name, "seed": self.seed, "graph": "continual",
             "final": {"all": final["all"], "old": final["old"], "new": final.get("new"),
                       "phases": [final.get(name) for name in phase_names]},
