@@ -482,7 +482,9 @@ class ContinualLoop:
                           torch.cat([memory.targets, torch.from_numpy(pseudo_targets)]), names,
                           f"{p.name}/labeled+relabeled")
         student = learner
-        distill(student, self.model, taught, self.augment, self.device)
+        # the teacher keeps the labeled classes only: its discovered outputs are what is being
+        # relabeled, and distilling them would teach the student the old (merged) labels again
+        distill(student, FirstOutputs(self.model, n_old), taught, self.augment, self.device)
         before, after = self._val_correct(self.model), self._val_correct(student)
         promoted, why = self.gate(before, after)
         entry["decision"], entry["why"] = ("promoted" if promoted else "kept"), why
@@ -633,6 +635,17 @@ class ContinualLoop:
                        "distractors": int((stream_truth < 0).sum())},
             "seconds": seconds,
         })
+
+
+class FirstOutputs(nn.Module):
+    """``model``'s first ``n`` logits: a teacher that speaks only for those classes."""
+
+    def __init__(self, model: nn.Module, n: int) -> None:
+        super().__init__()
+        self.model, self.n = model, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, :self.n]
 
 
 def _pool_truth(targets: np.ndarray, p: ProtocolData) -> dict:

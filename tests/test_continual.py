@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from components.run import main
 
@@ -39,13 +40,46 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+TEACHERS: list[tuple[int, int]] = []  # (teacher outputs, student outputs) of every distill call
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    """One short continual run, shared by the checks below."""
+    """One short continual run, shared by the checks below; it records what every distillation
+    was taught by."""
+    import importlib
+
+    loop = importlib.import_module("graphs.continual")  # the module (graphs exports a function of that name)
+    real = loop.distill
+
+    def recording(student, teacher, images, augment, device):
+        modes = [m.training for m in (student, teacher, augment)]
+        with torch.no_grad():  # eval mode: no random draw, no batch-norm update
+            x = augment.eval()(images.images[:2]).to(device)
+            TEACHERS.append((teacher.to(device).eval()(x).shape[1], student.to(device).eval()(x).shape[1]))
+        for module, mode in zip((student, teacher, augment), modes, strict=True):
+            module.train(mode)
+        return real(student, teacher, images, augment, device)
+
     folder = tmp_path_factory.mktemp("continual")
     os.chdir(ROOT)
-    assert main(_argv(folder / "run", folder / "cache")) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "distill", recording)
+        assert main(_argv(folder / "run", folder / "cache")) == 0
     return folder / "run"
+
+
+def test_consolidation_is_taught_the_labeled_classes_only(finished):
+    """A round's student learns every class its teacher knows (LwF); consolidation relabels the
+    discovered classes, so its teacher speaks for the labeled ones alone: distilling the old
+    (possibly merged) discovered outputs would teach the student the labels it replaces."""
+    m = _strict_json(finished / "metrics.json")
+    rounds = [r for r in m["rounds"][1:] if r.get("outputs")]
+    assert len(TEACHERS) == len(rounds) + 1  # one per round that distilled, then consolidation
+    n_old = 5
+    for (teacher, student), r in zip(TEACHERS, rounds, strict=False):
+        assert student == teacher + len(r["outputs"])  # grown by the round's accepted clusters
+    assert TEACHERS[-1] == (n_old, n_old + m["discovered"])
 
 
 def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
