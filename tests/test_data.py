@@ -7,6 +7,7 @@ import gzip
 import os
 import pickle
 import pickletools
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -19,6 +20,8 @@ from components.data import sources
 from components.data.loading import BatchAugment, class_balanced_weights, image_loader
 from components.data.sources import ImageSet, digits, image_folder, torchvision_dataset
 from components.data.splits import long_tail_counts, make_protocol, superclass_members
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------
 # long_tail_counts
@@ -621,3 +624,16 @@ def test_split_seed_draws_the_new_classes_and_the_rank_order(tmp_path):
         protocol(new_classes=[7, 8, 9], n_new=3)
     with pytest.raises(ValueError, match="n_new must be between 1 and 9"):
         protocol(split_seed=0, n_new=10)
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "gin").rglob("*.gin")
+                                        if "BatchAugment." in p.read_text()))
+def test_a_file_that_sets_augmentation_sets_all_of_it(path):
+    """Data files compose by ``include``: one included after another must leave nothing of the
+    other's augmentation behind (fmnist after digits kept the digits' rotation), so a file
+    that binds ``BatchAugment`` binds every parameter of it."""
+    import inspect
+
+    wanted = set(inspect.signature(BatchAugment.__init__).parameters) - {"self"}
+    bound = set(re.findall(r"^BatchAugment\.(\w+)\s*=", (ROOT / path).read_text(), re.M))
+    assert bound == wanted, f"{path} leaves BatchAugment.{sorted(wanted - bound)} to whatever came before"
