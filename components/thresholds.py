@@ -14,10 +14,14 @@ The pool takes samples scoring strictly above the threshold (``SamplePool.add``)
 
 from __future__ import annotations
 
+import logging
+
 import gin
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 def false_alarm_threshold(known_scores, rate: float = 0.05) -> float:
@@ -98,7 +102,11 @@ class FalseAlarmRate:
 @gin.configurable
 class PoolPrecision:
     """Pool threshold reaching pool precision ``precision`` on a stream whose labels are known
-    (a labeled tuning stream; :func:`precision_threshold`)."""
+    (a labeled tuning stream; :func:`precision_threshold`).
+
+    It reads the stream's true labels, which a deployed loop does not have: a tool for measuring
+    how good a threshold could be, never a default. Every use says so in a warning, and the
+    continual loop refuses it."""
 
     def __init__(self, precision: float = 0.9) -> None:
         if not 0 < precision <= 1:
@@ -109,6 +117,9 @@ class PoolPrecision:
         if stream_scores is None or is_new is None:
             raise ValueError("a threshold for a target pool precision needs the stream's scores and "
                              "which samples are new (labels known): use FalseAlarmRate otherwise")
+        log.warning("PoolPrecision reads the stream's TRUE LABELS to place the pool threshold: "
+                    "a tuning tool only, no result it gives is label-free; use "
+                    "@FalseAlarmRate() (held-out known-class images) for a real run")
         return precision_threshold(stream_scores, is_new, self.precision)
 
     def __repr__(self) -> str:

@@ -186,11 +186,13 @@ def test_score_histogram_is_written(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_threshold_rules_call_the_functions_and_say_what_they_need():
+def test_threshold_rules_call_the_functions_and_say_what_they_need(caplog):
     known = np.arange(1000, dtype=float)
     assert FalseAlarmRate(0.05)(known) == false_alarm_threshold(known, 0.05)
     scores, is_new = [5.0, 4.0, 3.0, 2.0, 1.0], [1, 1, 0, 1, 0]
-    assert PoolPrecision(0.75)(None, scores, is_new) == 1.5
+    with caplog.at_level("WARNING", logger="components.thresholds"):
+        assert PoolPrecision(0.75)(None, scores, is_new) == 1.5
+    assert "TRUE LABELS" in caplog.text  # the rule that reads the stream's labels says so, loudly
     with pytest.raises(ValueError, match="labels known"):
         PoolPrecision(0.9)(known)
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
