@@ -36,9 +36,13 @@ def _novelty_value(row: dict, group: str, key: str) -> float:
     return float(row[group][key]) if group in row else float("nan")
 
 
-def _stats(values: Sequence[float]) -> dict:
-    values = np.array(values, float)
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values.tolist()}
+def _stats(values: Sequence[float | None]) -> dict:
+    """Mean, population std and the values; a value that does not exist in a run (``None``) is
+    left out, and a metric no run has gets ``None`` for its mean and std (never NaN)."""
+    kept = np.array([v for v in values if v is not None], float)
+    if not len(kept):
+        return {"mean": None, "std": None, "values": []}
+    return {"mean": float(np.mean(kept)), "std": float(np.std(kept)), "values": kept.tolist()}
 
 
 def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -79,19 +83,15 @@ def _continual_summary(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
     """The continual loop's final accuracies (all, old, new, each phase), forgetting in points,
     average incremental accuracy, discovered / duplicate / spurious counts and seconds; a value
     that does not exist in a run (null) is left out of that metric's statistics."""
-    def stats(values):
-        kept = [v for v in values if v is not None]
-        return _stats(kept) if kept else {"mean": None, "std": None, "values": []}
-
-    out = {f"final.{k}": stats([r["final"][k] for r in runs]) for k in ("all", "old", "new")}
+    out = {f"final.{k}": _stats([r["final"][k] for r in runs]) for k in ("all", "old", "new")}
     for i in range(len(runs[0]["final"]["phases"])):
-        out[f"final.phase{i + 1}"] = stats([r["final"]["phases"][i] for r in runs])
-    out["forgetting.old"] = stats([r["forgetting"]["old"] for r in runs])
+        out[f"final.phase{i + 1}"] = _stats([r["final"]["phases"][i] for r in runs])
+    out["forgetting.old"] = _stats([r["forgetting"]["old"] for r in runs])
     for i in range(len(runs[0]["forgetting"]["phases"])):
-        out[f"forgetting.phase{i + 1}"] = stats([r["forgetting"]["phases"][i] for r in runs])
-    out["average_incremental"] = stats([r["average_incremental"] for r in runs])
+        out[f"forgetting.phase{i + 1}"] = _stats([r["forgetting"]["phases"][i] for r in runs])
+    out["average_incremental"] = _stats([r["average_incremental"] for r in runs])
     for key in ("discovered", "duplicates", "spurious", "seconds"):
-        out[key] = stats([r[key] for r in runs])
+        out[key] = _stats([r[key] for r in runs])
     return out
 
 
