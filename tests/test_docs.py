@@ -2,7 +2,7 @@
 
 * every relative link and image in README.md and docs/*.md points at a file that exists (and,
   for ``page.md#anchor``, at a heading of that page);
-* every ``python -m components.run`` / ``components.seeds`` command shown, in a code block or
+* every ``python -m components.run`` / ``components.seeds`` / ``components.suite`` command shown, in a code block or
   inline, names gin files that exist and resolves with ``--print-config`` from an empty folder;
 * every test a docs page cites exists, and docs/configuration.md lists every shipped gin file;
 * the README's code snippet runs;
@@ -75,7 +75,7 @@ def broken_links(page: Path) -> list[str]:
 
 
 def commands(page: Path) -> list[tuple[str, list[str]]]:
-    """``(where, argv after the module)`` for each components.run / components.seeds command."""
+    """``(where, argv after the module)`` for each components.run / seeds / suite command."""
     text = page.read_text()
     candidates = []
     for block in FENCE.findall(text):
@@ -83,11 +83,11 @@ def commands(page: Path) -> list[tuple[str, list[str]]]:
     candidates += [span.replace("\n", " ") for span in INLINE.findall(FENCE.sub("", text))]
     out = []
     for line in candidates:
-        if not re.search(r"python -m components\.(run|seeds)\b", line):
+        if not re.search(r"python -m components\.(run|seeds|suite)\b", line):
             continue
         tokens = shlex.split(line, comments=True)
         for i, token in enumerate(tokens[:-1]):
-            if token == "-m" and tokens[i + 1] in ("components.run", "components.seeds"):
+            if token == "-m" and tokens[i + 1] in ("components.run", "components.seeds", "components.suite"):
                 rest = tokens[i + 2:]
                 end = next((j for j, t in enumerate(rest) if t in ("&&", "||", ";", "|")), len(rest))
                 if end:  # a bare `python -m components.run` names the module, it is no command
@@ -127,6 +127,14 @@ def test_every_documented_command_resolves_from_an_empty_folder(where, argv, tmp
         parsed = build_parser().parse_args(args)
         args = [a for f in parsed.gin for a in ("--gin", f)]
         args += [a for b in parsed.gin_bindings for a in ("--gin-bindings", b)]
+    if module == "components.suite":  # its first run, data file and sampled protocol included
+        from components.suite import build_parser as suite_parser
+        from components.suite import plan
+
+        parsed = suite_parser().parse_args(args)
+        first = plan(parsed)[1][0]
+        args = [a for f in parsed.gin for a in ("--gin", f)]
+        args += [a for b in first.bindings for a in ("--gin-bindings", b)]
     if "--gin" not in args:  # --list, --list-gin, --help
         with pytest.raises(SystemExit) if "--help" in args else contextlib.nullcontext():
             assert main(args) == 0
