@@ -89,6 +89,12 @@ _HOW_TO_GET = {
     "FashionMNIST": "apt-get install dataset-fashion-mnist, then gunzip the four files from "
     "/usr/share/datasets/fashion-mnist/ into {root}/FashionMNIST/raw/ "
     "(or call components.data.sources.fashion_mnist_from_debian(root))",
+    "CIFAR10": "on a machine with internet, download cifar-10-python.tar.gz from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html and untar it into {root} (it unpacks to "
+    "cifar-10-batches-py/), or pass download=True there",
+    "CIFAR100": "on a machine with internet, download cifar-100-python.tar.gz from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html and untar it into {root} (it unpacks to "
+    "cifar-100-python/), or pass download=True there",
 }
 
 
@@ -235,17 +241,19 @@ def _why_unreadable(error: Exception) -> str:
 UNREADABLE_SHOWN = 5  # paths a message lists before it just counts
 
 
-def _report_unreadable(path: Path, unreadable: list[tuple[str, str]], skip: bool) -> None:
-    """Stop on unreadable files, naming the first few; or, when asked to skip them, warn once."""
+def _report_unreadable(path: Path, unreadable: list[tuple[str, str]], skip: bool,
+                       source: str = "image_folder") -> None:
+    """Stop on unreadable files, naming the first few; or, when asked to skip them, warn once.
+    ``source`` is the configurable whose ``skip_unreadable`` the message names."""
     listed = "; ".join(f"{file} ({why})" for file, why in unreadable[:UNREADABLE_SHOWN])
     more = f" and {len(unreadable) - UNREADABLE_SHOWN} more" if len(unreadable) > UNREADABLE_SHOWN else ""
     if not skip:
         raise ValueError(
             f"{path.resolve()}: {len(unreadable)} image file(s) cannot be decoded: {listed}{more}. "
-            "Replace or delete them, or bind image_folder.skip_unreadable = True to leave them out"
+            f"Replace or delete them, or bind {source}.skip_unreadable = True to leave them out"
         )
     log.warning(f"{path.resolve()}: skipped {len(unreadable)} unreadable image file(s) "
-                f"(image_folder.skip_unreadable = True): {listed}{more}")
+                f"({source}.skip_unreadable = True): {listed}{more}")
 
 
 def _check_no_empty_class(path: Path, classes: list[str], targets: list[int], other: str,
@@ -275,3 +283,200 @@ def _check_same_classes(root: str, train_dir: str, train: list[str], test_dir: s
         f"folders (only in {train_dir!r}: {only_train}; only in {test_dir!r}: {only_test}); labels "
         "are the folders' sorted positions, so give both trees the same class folders"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny-ImageNet and miniImageNet in their distributed layouts (torchvision has no loader for either)
+# --------------------------------------------------------------------------------------------
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+MINI_IMAGENET_SPLIT_URL = "https://github.com/twitter/meta-learning-lstm/tree/master/data/miniImagenet"
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def _check_present(files: list[Path], listed_in: str, source: str) -> None:
+    """Every file an index lists must exist: name the first few that do not."""
+    absent = [str(f.resolve()) for f in files if not f.is_file()]
+    if absent:
+        more = f" and {len(absent) - UNREADABLE_SHOWN} more" if len(absent) > UNREADABLE_SHOWN else ""
+        raise FileNotFoundError(
+            f"{source}: {len(absent)} image file(s) listed in {listed_in} are missing: "
+            f"{'; '.join(absent[:UNREADABLE_SHOWN])}{more}. Copy the complete dataset there"
+        )
+
+
+def _decoded(files: list[Path], targets: list[int], classes: list[str], image_size: int,
+             where: Path, skip_unreadable: bool, source: str, name: str) -> ImageSet:
+    """Decode ``files`` (PIL, converted to RGB as ImageFolder does) to uint8
+    ``[N, 3, image_size, image_size]``; unreadable files stop the load or, with
+    ``skip_unreadable``, are left out with one warning (as :func:`image_folder` does)."""
+    from torchvision.transforms.v2 import functional as F
+
+    log.info(f"{name}: decoding {len(files):,} images from {where.resolve()}")
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    kept, unreadable = [], []
+    for file, target in zip(files, targets, strict=True):
+        try:
+            decoded = _decode_rgb(str(file))
+        except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated or not an image
+            unreadable.append((str(file), _why_unreadable(error)))
+            continue
+        if tuple(decoded.shape[-2:]) != (image_size, image_size):
+            decoded = F.resize(decoded, [image_size, image_size], antialias=True)
+        images[len(kept)] = decoded
+        kept.append(target)
+    if unreadable:
+        _report_unreadable(where, unreadable, skip_unreadable, source)
+    lost = sorted(set(targets) - set(kept))
+    if lost:  # every image of a class was unreadable and skipped
+        raise ValueError(f"{where.resolve()}: no readable image left of class(es) "
+                         f"{[classes[c] for c in lost]}: replace their files")
+    return ImageSet(images[: len(kept)], torch.as_tensor(kept, dtype=torch.long), classes, name)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+@gin.configurable
+def tiny_imagenet(
+    root: str = gin.REQUIRED, image_size: int = 64, skip_unreadable: bool = False
+) -> tuple[ImageSet, ImageSet]:
+    """Tiny-ImageNet (200 classes of 64×64 images, 500 training and 50 validation images each)
+    from its unzipped ``tiny-imagenet-200`` folder, as distributed:
+
+    * ``root/train/<wnid>/images/*.JPEG``: the training images, one folder per WordNet id;
+    * ``root/val/images/*.JPEG`` with ``root/val/val_annotations.txt``, one
+      ``<file>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>`` line per image: the labeled validation set,
+      used as the test set (the official ``test/`` images have no labels and are not read).
+
+    Class ids are the positions of the sorted WordNet ids of ``train/`` (ImageFolder's order);
+    class names are the WordNet ids. Images are decoded once into memory (about 1.4 GB for the
+    110,000 images at 64 px) and resized only if they are not ``image_size`` square. A file that
+    cannot be decoded stops the load with its path, unless ``skip_unreadable=True``.
+    """
+    base = Path(root)
+    train_dir, val_images = base / "train", base / "val" / "images"
+    annotations = base / "val" / "val_annotations.txt"
+    absent = [p for p in (train_dir, val_images, annotations) if not p.exists()]
+    if absent:
+        raise FileNotFoundError(
+            f"Tiny-ImageNet not found: {', '.join(str(p.resolve()) for p in absent)} missing. "
+            f"Expected the unzipped tiny-imagenet-200 folder at {base.resolve()} "
+            "(train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt). To get it: on "
+            f"a machine with internet, download {TINY_IMAGENET_URL}, unzip it and bind "
+            "tiny_imagenet.root to its tiny-imagenet-200 folder"
+        )
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{train_dir.resolve()} has no class folders: expected "
+                                f"{train_dir}/<wnid>/images/*.JPEG")
+    train_files, train_targets, empty = [], [], []
+    for target, wnid in enumerate(classes):
+        files = _images_in(train_dir / wnid / "images")
+        empty += [] if files else [wnid]
+        train_files += files
+        train_targets += [target] * len(files)
+    if empty:
+        raise ValueError(f"{train_dir.resolve()}: class folder(s) {empty} hold no image in "
+                         f"<wnid>/images/ ({', '.join(_IMAGE_SUFFIXES)}): add their images or remove "
+                         "the folders")
+    index = {wnid: i for i, wnid in enumerate(classes)}
+    test_files, test_targets = [], []
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index:
+            raise ValueError(f"{annotations.resolve()}, line {number}: expected "
+                             f"'<file>\\t<wnid>\\t<box>' with a WordNet id that train/ has, got {line!r}")
+        test_files.append(val_images / fields[0])
+        test_targets.append(index[fields[1]])
+    _check_present(test_files, str(annotations.resolve()), "Tiny-ImageNet")
+    train = _decoded(train_files, train_targets, classes, image_size, train_dir, skip_unreadable,
+                     "tiny_imagenet", "tiny-imagenet/train")
+    test = _decoded(test_files, test_targets, classes, image_size, val_images, skip_unreadable,
+                    "tiny_imagenet", "tiny-imagenet/test")
+    return train, test
+
+
+MINI_IMAGENET_SPLITS = ("train", "val", "test")
+
+
+@gin.configurable
+def mini_imagenet(
+    root: str = gin.REQUIRED,
+    image_size: int = 84,
+    test_per_class: int = 100,
+    skip_unreadable: bool = False,
+) -> tuple[ImageSet, ImageSet]:
+    """miniImageNet (Vinyals et al., 2016: 100 ImageNet classes, 600 images each) in the layout
+    of Ravi & Larochelle's split (ICLR 2017): ``root/images/<file>.jpg`` and ``root/train.csv``,
+    ``val.csv``, ``test.csv``, each a ``filename,label`` header then one row per image (the label
+    is the WordNet id; 64, 16 and 20 classes).
+
+    All 100 classes are read. Class ids follow the csv files: the train.csv classes first, then
+    val.csv's, then test.csv's, each group in sorted WordNet-id order (ids 0-63, 64-79, 80-99 in
+    the standard split), so the few-shot split's test classes can be named as the new ones
+    (``gin/data/miniimagenet.gin``). Those files split classes, not images; the images of each
+    class are split here by sorted file name: the last ``test_per_class`` (default 100, the
+    500 / 100 split of FSCIL, Tao et al. CVPR 2020) are the test set, the rest the training
+    pool. Images are resized to ``image_size`` (84, the few-shot convention) and decoded once
+    into memory (about 1.3 GB).
+    """
+    base = Path(root)
+    csvs = [base / f"{split}.csv" for split in MINI_IMAGENET_SPLITS]
+    absent = [p for p in (base / "images", *csvs) if not p.exists()]
+    if absent:
+        raise FileNotFoundError(
+            f"miniImageNet not found: {', '.join(str(p.resolve()) for p in absent)} missing. Expected "
+            f"{base.resolve()}/images/<file>.jpg and train.csv, val.csv, test.csv beside it "
+            "(filename,label rows: Ravi & Larochelle's split). To get it: take the csv files from "
+            f"{MINI_IMAGENET_SPLIT_URL} and the images from ImageNet with that repository's script "
+            "(or a prepared mini-imagenet copy with the same layout), and bind mini_imagenet.root there"
+        )
+    if test_per_class < 1:
+        raise ValueError(f"mini_imagenet.test_per_class must be >= 1, got {test_per_class}")
+    files_of: dict[str, list[str]] = {}
+    for csv_file in csvs:
+        rows = _csv_rows(csv_file)
+        for label in sorted({label for _, label in rows} - set(files_of)):
+            files_of[label] = []
+        for filename, label in rows:
+            files_of[label].append(filename)
+    classes = list(files_of)
+    train_files, train_targets, test_files, test_targets = [], [], [], []
+    for target, wnid in enumerate(classes):
+        files = sorted(set(files_of[wnid]))
+        if len(files) <= test_per_class:
+            raise ValueError(f"miniImageNet class {wnid} has {len(files)} images in the csv files, "
+                             f"not more than mini_imagenet.test_per_class = {test_per_class}: lower it")
+        cut = len(files) - test_per_class
+        train_files += [base / "images" / f for f in files[:cut]]
+        test_files += [base / "images" / f for f in files[cut:]]
+        train_targets += [target] * cut
+        test_targets += [target] * test_per_class
+    _check_present(train_files + test_files, f"the csv files of {base.resolve()}", "miniImageNet")
+    train = _decoded(train_files, train_targets, classes, image_size, base / "images", skip_unreadable,
+                     "mini_imagenet", "mini-imagenet/train")
+    test = _decoded(test_files, test_targets, classes, image_size, base / "images", skip_unreadable,
+                    "mini_imagenet", "mini-imagenet/test")
+    return train, test
+
+
+def _csv_rows(path: Path) -> list[tuple[str, str]]:
+    """``(filename, label)`` rows of a miniImageNet split file (its header line skipped)."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f) if row]
+    if rows and [c.strip().lower() for c in rows[0]] == ["filename", "label"]:
+        rows = rows[1:]
+    bad = next((i for i, row in enumerate(rows) if len(row) != 2 or not all(c.strip() for c in row)), None)
+    if bad is not None:
+        raise ValueError(f"{path.resolve()}: expected 'filename,label' rows, got {rows[bad]!r}")
+    if not rows:
+        raise ValueError(f"{path.resolve()} lists no image: expected 'filename,label' rows")
+    return [(name.strip(), label.strip()) for name, label in rows]
