@@ -16,6 +16,7 @@ pseudo-labels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import faiss
 import gin
@@ -40,13 +41,20 @@ def _gpu_default(use_gpu: bool | None) -> bool:
     return faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
 
 
+@functools.cache
+def _gpu_resources() -> faiss.StandardGpuResources:
+    """One set of faiss GPU resources (streams, scratch memory) for the process: creating it is
+    costly, and ``_nearest`` runs once per Lloyd iteration."""
+    return faiss.StandardGpuResources()
+
+
 def _nearest(x: np.ndarray, centroids: np.ndarray, use_gpu: bool,
              batch_size: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid and squared distance of every row of ``x``, searched by faiss in
     batches of ``batch_size`` rows (memory stays O(batch · k), not O(N · k))."""
     index = faiss.IndexFlatL2(centroids.shape[1])
     if use_gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     labels = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float32)
