@@ -26,8 +26,10 @@ from components.scores import (
     max_softmax,
 )
 from components.thresholds import (
+    ConformalFDR,
     FalseAlarmRate,
     PoolPrecision,
+    conformal_fdr_threshold,
     false_alarm_threshold,
     fit_temperature,
     precision_threshold,
@@ -184,6 +186,44 @@ def test_score_histogram_is_written(tmp_path):
 # --------------------------------------------------------------------------------------------
 # threshold rules, approximate kNN, the evidential head, and assess (one score, measured)
 # --------------------------------------------------------------------------------------------
+
+
+def test_conformal_fdr_is_benjamini_hochberg_on_conformal_p_values():
+    known = np.array([0.0, 1.0, 2.0, 3.0])  # p of a stream score: (1 + #known >= it) / 5
+    stream = np.array([10.0, 9.0, 2.5, 0.5, -1.0])  # p = 0.2, 0.2, 0.4, 0.8, 1.0
+    # plain BH at 0.5: sorted p 0.2, 0.2, 0.4, 0.8, 1.0 against 0.1, 0.2, 0.3, 0.4, 0.5 -> the
+    # largest i with p_(i) <= i * 0.5 / 5 is 2: the two top scores are pooled
+    cut = conformal_fdr_threshold(known, stream, fdr=0.5, storey_lambda=None)
+    assert (stream > cut).tolist() == [True, True, False, False, False] and 2.5 < cut < 9.0
+    # Storey: share of known-like samples (1 + #{p > 0.5}) / (5 * 0.5) = 1.2 -> capped at 1
+    assert conformal_fdr_threshold(known, stream, 0.5) == cut
+    with pytest.raises(ValueError, match="stream's scores"):
+        ConformalFDR(0.2)(known)  # held-out scores alone are not enough for it
+    assert ConformalFDR(0.5, None)(known, stream, None) == cut  # never needs labels
+
+
+def test_conformal_fdr_keeps_the_pool_pure_and_grows_it_with_separation():
+    rng = np.random.default_rng(0)
+    fdp, pooled, false_alarm_pools = {}, {}, {}
+    for gap in (2.0, 4.0):
+        rates, sizes, fixed = [], [], []
+        for _ in range(40):
+            known = rng.normal(size=200)  # held-out known-class scores
+            stream = np.r_[rng.normal(size=500), rng.normal(gap, 1.0, size=100)]  # 100 new at the end
+            pool = stream > conformal_fdr_threshold(known, stream, fdr=0.2)
+            rates.append(pool[:500].sum() / max(pool.sum(), 1))
+            sizes.append(pool.sum())
+            fixed.append((stream > false_alarm_threshold(known, 0.05))[:500].sum())
+        fdp[gap], pooled[gap], false_alarm_pools[gap] = np.mean(rates), np.mean(sizes), np.mean(fixed)
+    # the share of known samples in the pool stays at the target on average (BH's guarantee,
+    # with Monte-Carlo slack), where 5 % false alarms let in the same 25 known samples either way
+    assert fdp[2.0] <= 0.25 and fdp[4.0] <= 0.25
+    assert abs(false_alarm_pools[2.0] - false_alarm_pools[4.0]) < 5
+    assert pooled[4.0] > 1.5 * pooled[2.0]  # a pool that follows how separable the scores are
+    # a stream of known classes alone: BH pools nothing in most draws (P(any) <= fdr)
+    empty = [not (s > conformal_fdr_threshold(rng.normal(size=200), s, 0.2)).any()
+             for s in (rng.normal(size=600) for _ in range(40))]
+    assert np.mean(empty) >= 0.7
 
 
 def test_threshold_rules_call_the_functions_and_say_what_they_need(caplog):
