@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import gin
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 from torchvision.transforms.v2 import functional as F
 
 from components.data.sources import ImageSet
@@ -115,7 +122,47 @@ def make_sampler(targets: torch.Tensor, sampler: str, generator: torch.Generator
     raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
 
 
-@gin.configurable(denylist=["images"])
+class ShardedSampler(Sampler[int]):
+    """One process's share of ``sampler``'s epoch, for data-parallel training.
+
+    Every process draws the whole epoch from ``sampler``, whose generator is seeded alike in
+    each process, so all draw the same indices; process ``rank`` of ``world_size`` keeps
+    positions ``rank, rank + world_size, ...``. Batches of ``batch_size / world_size`` from each
+    process then make up, together, exactly the batches one process with ``batch_size`` draws
+    (same images, same steps). ``pad`` repeats the epoch's first positions so every process
+    gets as many indices (a loader that keeps its last, short batch); otherwise the last
+    ``len % world_size`` positions are dropped, which ``drop_last`` drops anyway.
+
+    Ignite's ``DistributedProxySampler`` does the same but reseeds torch's global generator
+    with the epoch number on every epoch, which would also reset the augmentation's draws.
+    :meth:`set_epoch` is passed on to ``sampler`` (the progressive sampler's schedule).
+    """
+
+    def __init__(self, sampler: Sampler[int], world_size: int, rank: int, pad: bool = False) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.sampler, self.world_size, self.rank, self.pad = sampler, world_size, rank, pad
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def _total(self) -> int:
+        n, w = len(self.sampler), self.world_size
+        return -(-n // w) * w if self.pad else n // w * w
+
+    def __iter__(self):
+        indices = list(self.sampler)  # the whole epoch's draw, as one process would make it
+        total = self._total()
+        if self.pad and indices:
+            indices += (indices * (total // len(indices) + 1))[:total - len(indices)]
+        yield from indices[self.rank:total:self.world_size]
+
+    def __len__(self) -> int:
+        return self._total() // self.world_size
+
+
+@gin.configurable(denylist=["images", "world_size", "rank"])
 def image_loader(
     images: ImageSet,
     batch_size: int = 128,
@@ -124,21 +171,39 @@ def image_loader(
     drop_last: bool = False,
     seed: int | None = None,
     epochs: int | None = None,
+    world_size: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
     """A DataLoader yielding ``(uint8 images, targets, indices)`` batches.
 
     ``sampler`` is ``'instance'`` (each image once per epoch, shuffled), ``'class_balanced'``
     (a class uniformly, then one of its images), ``'sqrt'`` (classes ``∝ sqrt(n_c)``) or
     ``'progressive'`` (instance → class-balanced over ``epochs``); see :func:`make_sampler`.
+
+    With ``world_size > 1`` the loader is process ``rank``'s shard (:class:`ShardedSampler`):
+    ``batch_size`` is the global batch, each process gets ``batch_size / world_size`` of it,
+    and together the processes see the batches one process would (same ``seed``, every
+    process the same number of batches).
     """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     chosen = make_sampler(images.targets, sampler, generator, epochs)
+    dataset = BatchedImages(images)
+    drop_last = drop_last and len(images) > batch_size
+    if world_size > 1:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} processes: "
+                             f"choose a multiple of {world_size} (each process takes batch_size / "
+                             "world_size)")
+        if chosen is None:
+            chosen = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        chosen = ShardedSampler(chosen, world_size, rank, pad=not drop_last)
+        batch_size //= world_size
     return DataLoader(
-        BatchedImages(images),
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle and chosen is None,
         sampler=chosen,
-        drop_last=drop_last and len(images) > batch_size,
+        drop_last=drop_last,
         collate_fn=_keep_batch,
         generator=generator,
     )
