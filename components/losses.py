@@ -7,6 +7,7 @@ import math
 
 import gin
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,21 +45,91 @@ class DistillLoss(nn.Module):
         return F.cross_entropy(student_logits, targets) + self.kd_weight * t * t * kd
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """``all_gather`` whose backward hands each process the sum of every process's gradient for
+    its own slice (lightly's ``GatherLayer``): a loss on the gathered batch then trains every
+    process's embeddings as one loss over the whole batch would. torch's differentiable
+    ``all_gather`` needs ``all_to_all`` in its backward, which gloo lacks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        summed = torch.stack(grads)
+        dist.all_reduce(summed)
+        return summed[dist.get_rank()]
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """Every process's ``x`` (same shape everywhere), concatenated in rank order; no gradient."""
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def _gathered_supcon(view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
+                     keep: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """:class:`SupConLoss` across processes: this process's anchors against the views of every
+    process's batch (the other processes' embeddings are the extra negatives and positives),
+    only the ``keep`` samples taking part (as anchors and as candidates). Returns
+    ``world_size · (sum over local anchors) / (anchors in all processes)``, whose mean over the
+    processes (DistributedDataParallel averages the gradients) is the loss of one process on
+    the concatenated batches. Every process's batch must be as large."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = len(view1)
+    z = F.normalize(torch.cat([view1, view2]), dim=1)
+    ids = torch.arange(n, device=z.device) + rank * n if labels is None else labels
+    ids = torch.cat([ids, ids])
+    keep = torch.ones(n, dtype=torch.bool, device=z.device) if keep is None else keep
+    keep = torch.cat([keep, keep])
+    total = _gather(keep.sum().reshape(1)).sum()
+    if total == 0:  # no process has an anchor (every process sees the same total)
+        return z.sum() * 0.0
+    z_all = torch.cat(_GatherWithGrad.apply(z))
+    ids_all, keep_all = _gather(ids), _gather(keep)
+    logits = z @ z_all.T / temperature  # [2n local anchors, 2n * world candidates]
+    rows = torch.arange(2 * n, device=z.device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[rows, rank * 2 * n + rows] = True
+    excluded = self_mask | ~keep_all[None, :]
+    logits = logits.masked_fill(excluded, float("-inf"))
+    positive = (ids[:, None] == ids_all[None, :]) & ~excluded
+    log_prob = logits.log_softmax(dim=1).masked_fill(excluded, 0.0)
+    per_anchor = (log_prob * positive).sum(1) / positive.sum(1).clamp_min(1)
+    return -per_anchor[keep].sum() * world / total
+
+
 @gin.configurable
 class SupConLoss(nn.Module):
     """Supervised contrastive loss (Khosla et al., NeurIPS 2020) on two views ``[B, D]`` each.
 
     With ``labels=None`` the only positive of a view is the other view of the same image, which
     is SimCLR's NT-Xent (Chen et al., ICML 2020).
+
+    In a distributed run (``torch.distributed`` initialized, more than one process) the views of
+    every process's batch take part, as lightly's ``NTXentLoss(gather_distributed=True)`` does:
+    the loss then equals the one-process loss on the whole global batch
+    (``gather_distributed=False``: each process's batch alone).
     """
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = True) -> None:
         super().__init__()
         self.temperature = temperature
+        self.gather_distributed = gather_distributed
 
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.gather_distributed and _world_size() > 1:
+            return _gathered_supcon(view1, view2, labels, None, self.temperature)
         n = len(view1)
         z = F.normalize(torch.cat([view1, view2]), dim=1)
         logits = z @ z.T / self.temperature
@@ -75,17 +146,23 @@ class SupConLoss(nn.Module):
 @gin.configurable
 class GCDContrastive(nn.Module):
     """GCD's representation loss (Vaze et al., CVPR 2022): ``(1 - λ)`` · SimCLR on every image
-    plus ``λ`` · SupCon on the labeled ones, on projected features of two augmented views."""
+    plus ``λ`` · SupCon on the labeled ones, on projected features of two augmented views.
+    Across processes both terms gather every process's views (see :class:`SupConLoss`)."""
 
-    def __init__(self, supervised_weight: float = 0.35, temperature: float = 0.1) -> None:
+    def __init__(self, supervised_weight: float = 0.35, temperature: float = 0.1,
+                 gather_distributed: bool = True) -> None:
         super().__init__()
         self.supervised_weight = supervised_weight
-        self.loss = SupConLoss(temperature)
+        self.loss = SupConLoss(temperature, gather_distributed)
 
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor, labeled: torch.Tensor
     ) -> torch.Tensor:
         loss = (1 - self.supervised_weight) * self.loss(view1, view2)
+        if self.loss.gather_distributed and _world_size() > 1:
+            # every process calls it (it gathers), also one whose batch holds no labeled image
+            supervised = _gathered_supcon(view1, view2, labels, labeled, self.loss.temperature)
+            return loss + self.supervised_weight * supervised
         if labeled.any():
             loss = loss + self.supervised_weight * self.loss(
                 view1[labeled], view2[labeled], labels[labeled]

@@ -9,13 +9,15 @@
 * pool precision (share of new among pooled) and recall (share of the stream's new pooled).
 
 The Ignite metrics at the bottom accumulate predictions batch by batch (detached) and compute
-these at the end of an evaluation run.
+these at the end of an evaluation run; in a distributed run over every process's share
+(:func:`gather_rows`), so each process computes the metrics of the whole set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.metrics import Metric
@@ -162,8 +164,20 @@ def cluster_truth(targets: np.ndarray) -> dict:
             "distractors": float(np.mean(targets == -1))}
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``x`` (the row counts may differ), concatenated in rank order,
+    in every process (Ignite's ``all_gather`` wants one shape: rows are padded, then cut)."""
+    counts = [int(c) for c in idist.all_gather(torch.tensor([len(x)]))]
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype)
+    padded[:len(x)] = x
+    gathered = idist.all_gather(padded)
+    step = max(counts)
+    return torch.cat([gathered[r * step:r * step + c] for r, c in enumerate(counts)])
+
+
 class _Accumulating(Metric):
-    """Collects (predictions, targets) over an epoch; ``output_transform`` gives the pair."""
+    """Collects (predictions, targets) over an epoch; ``output_transform`` gives the pair.
+    Across processes, each holds its share of the samples and :meth:`compute` sees them all."""
 
     @reinit__is_reduced
     def reset(self) -> None:
@@ -177,7 +191,10 @@ class _Accumulating(Metric):
         self._true.append(true.detach().cpu())
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return torch.cat(self._pred).numpy(), torch.cat(self._true).numpy()
+        pred, true = torch.cat(self._pred), torch.cat(self._true)
+        if idist.get_world_size() > 1:
+            pred, true = gather_rows(pred), gather_rows(true)
+        return pred.numpy(), true.numpy()
 
 
 class ClusteringAccuracy(_Accumulating):

@@ -1,4 +1,5 @@
-"""The model: feature extractor → (projector, growing classifier)."""
+"""The model: feature extractor → (projector, growing classifier); and BatchNorm over every
+process's batch for distributed training on any device (:func:`global_batchnorm`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 
 import gin
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from components.models.heads import GrowingLinear, MLPProjector
@@ -65,3 +67,90 @@ class Network(nn.Module):
         if self.confidence is not None:
             self.confidence.grow(k)
         return self
+
+
+_GROUP: dict[int, object] = {}
+
+
+def _group():
+    """A process group of its own for the statistics' all-reduces: DDP reduces gradients
+    asynchronously on the default group while the backward pass runs these."""
+    key = id(dist.group.WORLD)
+    if key not in _GROUP:
+        _GROUP.clear()
+        _GROUP[key] = dist.new_group()
+    return _GROUP[key]
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over the processes; the gradient of every process's copy of the sum is summed back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=_group())
+        return grad
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduce.apply(x)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics are those of every process's batch together
+    (Ioffe & Szegedy 2015, over the global batch, as ``torch.nn.SyncBatchNorm`` does on CUDA),
+    by two differentiable all-reduces over ``torch.distributed``, so it also runs on CPU with
+    gloo. Same parameters, buffers and state-dict keys as the BatchNorm it replaces; in eval
+    mode, or outside a distributed run, it is plain BatchNorm."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {input.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = _all_reduce(x.new_tensor([x.numel() / x.shape[1]]))
+        mean = _all_reduce(x.sum(dims)) / count
+        centered = x - mean.view(shape)
+        var = _all_reduce((centered * centered).sum(dims)) / count
+        y = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                          else self.momentum)
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - factor).add_(factor * mean)
+                self.running_var.mul_(1 - factor).add_(factor * unbiased)
+        return y
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm layer replaced, in place, by a :class:`GlobalBatchNorm`
+    holding the same parameters and buffers (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+    for any device). Returns the module (a new one if ``module`` itself is a BatchNorm)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats)
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        if module.track_running_stats:
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, global_batchnorm(child))
+    return module
