@@ -3,9 +3,11 @@ student whose classifier has grown by the discovered classes."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import gin
+import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
@@ -15,7 +17,98 @@ from torch import nn
 
 from components.data import ImageSet, image_loader
 from components.data.checks import check_model_input
+from components.models.network import global_batchnorm
 from graphs.handlers import check_finite_loss, progress, resume_stage, tensorboard_logging
+
+
+class TrainingForward(nn.Module):
+    """A training step's whole forward pass through ``model`` as one module call, so that
+    ``DistributedDataParallel`` (which syncs the gradients of what runs through its own
+    ``forward``) sees all of it: ``model.encode`` of each view, ``augment`` (when given)
+    applied to each view right before it is encoded, keeping the ``outputs`` the step uses
+    (the others are computed, e.g. for their BatchNorm statistics, and dropped); or
+    ``model(view)`` (logits) with ``logits_only``. Returns one output per view. In one process
+    it is only these calls."""
+
+    def __init__(self, model: nn.Module, outputs: tuple[str, ...] = ("logits",)) -> None:
+        super().__init__()
+        self.model, self.outputs = model, outputs
+
+    def forward(self, *views: torch.Tensor, augment: nn.Module | None = None,
+                logits_only: bool = False) -> list:
+        outs = []
+        for x in views:
+            x = augment(x) if augment is not None else x
+            if logits_only:
+                outs.append(self.model(x))
+            else:
+                encoded = self.model.encode(x)
+                outs.append({name: encoded[name] for name in self.outputs})
+        return outs
+
+
+# the part of a Network each encoded output comes from (all of them start at the backbone)
+_HEADS = {"projected": "projector", "logits": "classifier", "evidence": "confidence"}
+
+
+def _leaves_parameters_unused(model: nn.Module, outputs: tuple[str, ...]) -> bool:
+    """Whether a step using only ``outputs`` leaves some trainable parameter without a gradient
+    (DDP must then look for them every step); True unless ``model`` is shaped like a Network."""
+    if not hasattr(model, "backbone") or any(p.requires_grad for p in model.parameters(recurse=False)):
+        return True
+    used = {"backbone"} | {_HEADS[name] for name in outputs if name in _HEADS}
+    return any(p.requires_grad for name, child in model.named_children() if name not in used
+               for p in child.parameters())
+
+
+@gin.configurable(denylist=["model", "outputs"])
+def data_parallel(model: nn.Module, outputs: tuple[str, ...] = ("logits",),
+                  sync_batchnorm: bool = False) -> nn.Module:
+    """What the training graphs call for their forward pass: :class:`TrainingForward` of
+    ``model`` keeping ``outputs``, and in a distributed run that module wrapped for DDP by
+    ``idist.auto_model`` (gradients averaged over the processes; ``find_unused_parameters``
+    when the step leaves a head unused). Wrap again after ``grow()``: it replaces parameters.
+    ``sync_batchnorm``: BatchNorm statistics over the global batch (``SyncBatchNorm``, CUDA
+    only; the model keeps the converted layers, which act as BatchNorm in eval mode)."""
+    forward = TrainingForward(model, outputs)
+    if idist.get_world_size() == 1:
+        return forward
+    if sync_batchnorm and idist.device().type != "cuda":  # torch's SyncBatchNorm is CUDA only
+        global_batchnorm(model)
+        sync_batchnorm = False
+    # a conv over one input channel: its gradient's strides differ from DDP's bucket only in a
+    # dimension of size 1, which DDP reports as a possible slowdown it is not
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return idist.auto_model(forward, sync_bn=sync_batchnorm,
+                            find_unused_parameters=_leaves_parameters_unused(model, outputs))
+
+
+def _share_buffers(model: nn.Module) -> None:
+    """Process 0's buffers (BatchNorm running statistics) in every process: DDP broadcasts them
+    before each forward, so after the last one each process holds its own last update."""
+    if idist.get_world_size() > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+def _loader(images: ImageSet, batch_size: int, **kwargs):
+    """``image_loader`` of this process's shard of every global batch of ``batch_size``."""
+    if idist.get_world_size() == 1:
+        return image_loader(images, batch_size, **kwargs)
+    return image_loader(images, batch_size, world_size=idist.get_world_size(), rank=idist.get_rank(),
+                        **kwargs)
+
+
+def _labeled_cross_entropy(logits: torch.Tensor, y: torch.Tensor, is_labeled: torch.Tensor) -> torch.Tensor:
+    """Across processes, the cross-entropy of this process's labeled samples, summed, times the
+    number of processes over the labeled samples of all of them: DDP's mean of the gradients is
+    then the gradient of the one-process mean over the global batch's labeled samples (their
+    count differs between the processes)."""
+    total = idist.all_reduce(is_labeled.sum().float())
+    if total == 0:
+        return logits.sum() * 0.0
+    value = F.cross_entropy(logits[is_labeled], y[is_labeled], reduction="sum")
+    return value * idist.get_world_size() / total
 
 
 def _views(augment: nn.Module, x: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -78,6 +171,7 @@ def _fit(
         engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: on_first_step())
     with progress(engine, description), tensorboard_logging(engine, description.split()[0], optimizer):
         engine.run(loader, max_epochs=epochs)
+    _share_buffers(model)
     return engine
 
 
@@ -138,21 +232,25 @@ def train(
         if isinstance(module, nn.Module):
             module.to(device)
 
+    outputs = ("logits",) + ("evidence",) * (head_loss is not None)
+    net = data_parallel(model, outputs + ("projected",) * (contrastive is not None))
+
     def update(engine: Engine, batch) -> dict[str, float]:
-        x, y = _batch(batch, device, model, augment)
+        x, y = _batch(batch, device, net, augment)
         # encode, not forward: the projector's BatchNorm statistics follow the features even
-        # though only the classifier is trained here.
-        out = model.encode(augment(x))
+        # though only the classifier is trained here. With a contrastive term, a second view
+        # is augmented and encoded after the first, in the same call.
+        outs = net(*([x, x] if contrastive is not None else [x]), augment=augment)
+        out = outs[0]
         value = criterion(out["logits"], y)
         if head_loss is not None:
             value = value + confidence_weight * head_loss(out["evidence"], y)
         if contrastive is not None:
-            other = model.encode(augment(x))["projected"]
-            value = value + contrastive_weight * contrastive(out["projected"], other, y)
+            value = value + contrastive_weight * contrastive(out["projected"], outs[1]["projected"], y)
         accuracy = (out["logits"].argmax(1) == y).float().mean().item()
         return _step(opt, value) | {"accuracy": accuracy}
 
-    loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed, epochs=epochs)
+    loader = _loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed, epochs=epochs)
     engine = Engine(update)
     _follow_epochs(engine, criterion)
     _follow_epochs(engine, head_loss)
@@ -197,18 +295,21 @@ def distill(
     opt = optimizer(student.parameters())
     head_loss = _confidence_loss(student, confidence_loss, "distill")
 
+    # here, after the student grew: DDP holds its parameters
+    net = data_parallel(student, ("logits",) if head_loss is None else ("logits", "evidence"))
+
     def update(engine: Engine, batch) -> dict[str, float]:
-        x, y = _batch(batch, device, student, augment)
+        x, y = _batch(batch, device, net, augment)
         x = augment(x)
         with torch.no_grad():
             teacher_logits = teacher(x)
         if head_loss is None:
-            return _step(opt, loss(student(x), y, teacher_logits))
-        out = student.encode(x)
+            return _step(opt, loss(net(x, logits_only=True)[0], y, teacher_logits))
+        out = net(x)[0]
         value = loss(out["logits"], y, teacher_logits) + confidence_weight * head_loss(out["evidence"], y)
         return _step(opt, value)
 
-    loader = image_loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
+    loader = _loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
     engine = Engine(update)
     _follow_epochs(engine, head_loss)
     return _fit(engine, student, loader, opt, epochs, f"distill {images.name}", None)
@@ -240,16 +341,20 @@ def adapt(
         labeled.classes, f"{labeled.name}+{unlabeled.name}",
     )
 
+    net = data_parallel(model, ("projected", "logits") if ce_weight else ("projected",))
+
     def update(engine: Engine, batch) -> dict[str, float]:
-        x, y = _batch(batch, device, model, augment)
+        x, y = _batch(batch, device, net, augment)
         is_labeled = y >= 0
-        first, second = (model.encode(v) for v in _views(augment, x, 2))
+        first, second = net(*_views(augment, x, 2))
         value = loss(first["projected"], second["projected"], y, is_labeled)
-        if is_labeled.any() and ce_weight:
+        if ce_weight and idist.get_world_size() > 1:
+            value = value + ce_weight * _labeled_cross_entropy(first["logits"], y, is_labeled)
+        elif is_labeled.any() and ce_weight:
             value = value + ce_weight * F.cross_entropy(first["logits"][is_labeled], y[is_labeled])
         return _step(opt, value)
 
-    loader = image_loader(both, batch_size, sampler="instance", drop_last=True, seed=seed)
+    loader = _loader(both, batch_size, sampler="instance", drop_last=True, seed=seed)
     return _fit(Engine(update), model, loader, opt, epochs, f"adapt {both.name}", None, cosine)
 
 
@@ -272,10 +377,12 @@ def pretrain(
     model.to(device)
     opt = optimizer(model.parameters())
 
+    net = data_parallel(model, ("projected",))
+
     def update(engine: Engine, batch) -> dict[str, float]:
-        x, _ = _batch(batch, device, model, augment)
-        first, second = (model.encode(v)["projected"] for v in _views(augment, x, 2))
+        x, _ = _batch(batch, device, net, augment)
+        first, second = (out["projected"] for out in net(*_views(augment, x, 2)))
         return _step(opt, loss(first, second))
 
-    loader = image_loader(images, batch_size, sampler="instance", drop_last=True, seed=seed)
+    loader = _loader(images, batch_size, sampler="instance", drop_last=True, seed=seed)
     return _fit(Engine(update), model, loader, opt, epochs, f"pretrain {images.name}", None)
