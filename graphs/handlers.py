@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import gin
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -50,10 +51,14 @@ def setup_logging(level: int = logging.INFO) -> None:
     py_warnings = logging.getLogger("py.warnings")
     py_warnings.handlers.clear()
     py_warnings.addHandler(handler)
+    py_warnings.setLevel(level)
     py_warnings.propagate = False
     # Ignite logs "Engine run is terminating due to exception" before re-raising it: the
     # command line reports the exception itself, once
     logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)
+    # Ignite's launcher and auto_model announce every start at INFO: the run says it once itself
+    for name in ("ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_model"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def describe(model: nn.Module) -> str:
@@ -163,11 +168,33 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+def rank_zero(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` computed once, by process 0, and its result (or the exception it
+    raised) handed to every process: what must come out the same everywhere (k-means on faiss).
+    In one process, just the call."""
+    if idist.get_world_size() == 1:
+        return fn(*args, **kwargs)
+    box: list[Any] = [None]
+    if idist.get_rank() == 0:
+        try:
+            box = [(True, fn(*args, **kwargs))]
+        except Exception as error:  # every process raises it
+            box = [(False, error)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    done, value = box[0]
+    if not done:
+        raise value
+    return value
+
+
 class RunDir:
     """The run's output folder, created on first write so a run that fails to start leaves
     nothing behind. Files are written under a temporary name and renamed into place.
     ``on_create`` is called once, right after the folder is made (the command line records the
-    run's configuration there)."""
+    run's configuration there).
+
+    In a distributed run only process 0 writes: elsewhere the write methods return the path
+    they would have written and ``file`` creates no folder."""
 
     def __init__(self, path: str | Path, on_create: Callable[[RunDir], None] | None = None) -> None:
         self.path = Path(path)
@@ -177,7 +204,14 @@ class RunDir:
     def created(self) -> bool:
         return self.path.exists()
 
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files (process 0, or the only one)."""
+        return idist.get_rank() == 0
+
     def file(self, name: str) -> Path:
+        if not self.writes:
+            return self.path / name
         if not self.path.exists():
             self.path.mkdir(parents=True, exist_ok=True)
             if self.on_create is not None:
@@ -186,6 +220,8 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.file(name)
+        if not self.writes:
+            return target
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(text)
         os.replace(tmp, target)
@@ -418,7 +454,9 @@ def resume_stage(engine: Engine, stage: str, epochs: int, objects: dict[str, Any
             state = load_checkpoint(saved[-1])
         except RunFailure as error:
             log.warning(f"[yellow]{error}; using the one before it[/]")
-            saved[-1].rename(saved[-1].with_suffix(".damaged"))
+            if idist.get_rank() == 0:  # the others skip it too, and leave the file to process 0
+                with contextlib.suppress(FileNotFoundError):
+                    saved[-1].rename(saved[-1].with_suffix(".damaged"))
             saved.pop()
             continue
         Checkpoint.load_objects(to_save, state)

@@ -25,7 +25,7 @@ from components.scores import Score
 from components.thresholds import FalseAlarmRate
 from graphs.encode import encode
 from graphs.evaluate import evaluate
-from graphs.handlers import RunDir, describe, log, save_checkpoint
+from graphs.handlers import RunDir, describe, log, rank_zero, save_checkpoint
 from graphs.novelty import FIVE_PERCENT_FALSE_ALARMS, assess, scaled, temperature_of
 from graphs.online import online, score_outputs
 from graphs.report import write_lifecycle_report
@@ -79,7 +79,9 @@ def lifecycle(
     if embedding not in ("pca", "tsne"):
         raise ValueError(f"embedding must be 'pca' or 'tsne', got {embedding!r}")
     started = time.perf_counter()
-    manual_seed(seed)
+    # in a distributed run each process draws its own augmentations (seed + rank); the training
+    # graphs start every process from process 0's weights
+    manual_seed(seed + idist.get_rank())
     device = idist.device()
     protocol = data()
     log.info(
@@ -146,9 +148,9 @@ def lifecycle(
             student, k_new, extras, pool_clusters = None, 0, {}, dict(NOTHING_CLUSTERED)
 
     # 5. evaluate both models on held-out test images
-    before = evaluate(cached["test"], protocol.n_old, protocol.train_counts)
+    before = evaluate(_my_rows(cached["test"]), protocol.n_old, protocol.train_counts)
     tested = cached["test"] if student is None else encode(student, protocol.test, augment, cache, device)
-    after = before if student is None else evaluate(tested, protocol.n_old, protocol.train_counts)
+    after = before if student is None else evaluate(_my_rows(tested), protocol.n_old, protocol.train_counts)
     metrics = {
         "protocol": protocol.name,
         "seed": seed,
@@ -164,12 +166,24 @@ def lifecycle(
         "k_scores": extras.pop("k_scores", {}),  # each candidate's score when k_new was estimated
         "seconds": time.perf_counter() - started,
     }
-    run_dir.save_operative_config()
-    run_dir.write_json("metrics.json", metrics)
-    histories = {"train": trainer.state.history, **extras.pop("histories", {})}
-    write_lifecycle_report(run_dir, metrics, protocol, histories, cached["test"], tested, scores,
-                           seen_new, trace, pool.trigger_size, extras, embedding=embedding)
+    if run_dir.writes:  # process 0 (or the only one) writes; the others wait at the barrier
+        run_dir.save_operative_config()
+        run_dir.write_json("metrics.json", metrics)
+        histories = {"train": trainer.state.history, **extras.pop("histories", {})}
+        write_lifecycle_report(run_dir, metrics, protocol, histories, cached["test"], tested, scores,
+                               seen_new, trace, pool.trigger_size, extras, embedding=embedding)
+    if idist.get_world_size() > 1:
+        idist.barrier()
     return metrics
+
+
+def _my_rows(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's share of the rows (every ``world_size``-th from its rank): the evaluation
+    metrics gather the shares (:mod:`components.metrics`). In one process, all of them."""
+    world = idist.get_world_size()
+    if world == 1:
+        return outputs
+    return {name: array[idist.get_rank()::world] for name, array in outputs.items()}
 
 
 def _pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, notes: list[str]) -> float:
@@ -209,9 +223,9 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     else:
         cached_pool = {k: v[ids] for k, v in cached["stream"].items()}
         cached_labeled = cached["labeled"]
-    try:
-        result = labeler(cached_pool[cluster_on], cached_labeled[cluster_on],
-                         cached_labeled["targets"], protocol.n_old)
+    try:  # once, in process 0: every process gets its clusters
+        result = rank_zero(labeler, cached_pool[cluster_on], cached_labeled[cluster_on],
+                           cached_labeled["targets"], protocol.n_old)
     except ValueError as error:
         raise PoolRefused(str(error)) from error
     k_new = len(result.centroids) - protocol.n_old
