@@ -12,6 +12,12 @@ configured graph (``run.graph``). What it promises (docs/reliability.md has the 
 * a failure the library explains (bad data, a diverged loss, a refused checkpoint, a failed
   write) prints one line and exits 1, with the traceback in ``<run>/error.log``; anything else
   is a bug and shows its traceback; Ctrl-C prints one line and exits 130.
+
+``--nproc N`` runs the graph in N processes (DDP through ``ignite.distributed``: gloo on CPU,
+NCCL on GPUs), and under ``torchrun`` the processes it starts do the same. Every process parses
+the gin files and bindings itself (spawned processes inherit no gin state) and checks that it
+resolved the same configuration as process 0; process 0 prepares and writes the run folder, the
+others wait at a barrier; a failure in any process ends all of them with the promises above.
 """
 
 from __future__ import annotations
@@ -20,16 +26,23 @@ import argparse
 import contextlib
 import datetime as dt
 import difflib
+import hashlib
+import importlib
 import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
+import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import gin
+import ignite.distributed as idist
+import torch
 
 import components  # noqa: F401  (registers the components)
 import graphs  # noqa: F401  (registers the graphs)
@@ -43,6 +56,9 @@ FAILED = 1
 INTERRUPTED = 130
 RUN_CONFIG = "run_config.gin"  # the resolved configuration, written when the folder is made
 FINISHED = "finished"  # written last, after metrics, report and plots: the run is complete
+DISTRIBUTED = "distributed.json"  # a distributed run's processes and what each parsed
+# the graphs that run in several processes; the others refuse --nproc > 1 and torchrun
+DISTRIBUTED_GRAPHS = ("lifecycle",)
 
 
 class ConfigError(Exception):
@@ -153,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more binding, e.g. 'SEED = 1'; repeatable")
     add("--run-dir", default=None, metavar="DIR", help="output folder (default runs/<gin name>-<time>)")
     add("--fresh", action="store_true", help="start over in --run-dir instead of resuming it")
+    add("--nproc", type=int, default=1, metavar="N",
+        help="run in N processes on this machine (DDP through ignite.distributed; the batch size "
+             "stays the global one); under torchrun leave it out")
+    add("--backend", choices=("gloo", "nccl"), default=None,
+        help="the distributed backend (default: nccl when CUDA is available, else gloo)")
     add("--print-config", action="store_true", help="print the resolved bindings and exit")
     add("--list", action="store_true", help="list every configurable and its defaults, exit")
     add("--list-gin", action="store_true", help="list the shipped gin files, exit")
@@ -174,17 +195,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.gin:
         parser.error("--gin FILE is required (or --list, --list-gin); try --gin distill.gin")
-    setup_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    if args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    launched = _torchrun_world() > 1  # torchrun started this process as one of several
+    setup_logging(logging.ERROR if launched and int(os.environ.get("RANK", 0)) else level)
     try:
         parse_config(args.gin, args.gin_bindings)
     except ConfigError as error:
-        console.print(f"[bold red]config error[/]: {error}")
+        if not launched or int(os.environ.get("RANK", 0)) == 0:
+            console.print(f"[bold red]config error[/]: {error}")
         return CONFIG_ERROR
     if args.print_config:
         print(gin.config_str())  # every binding the files and flags resolve to, macros included
         return 0
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(args.run_dir or Path("runs") / f"{Path(args.gin[-1]).stem}-{stamp}")
+    if args.nproc > 1 or launched:
+        return _distributed(args, path, level, launched)
     config = gin.config_str()
     try:
         finished = prepare_run_dir(path, config, args.fresh)
@@ -202,14 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return execute(run_dir)
 
 
-def execute(run_dir: RunDir) -> int:
-    """Run the configured graph in ``run_dir`` and turn its failures into the promised exits."""
+def execute(run_dir: RunDir, distributed: dict | None = None) -> int:
+    """Run the configured graph in ``run_dir`` and turn its failures into the promised exits.
+    ``distributed``: what a distributed run records in ``distributed.json`` when it finishes."""
+    rank = idist.get_rank()
     try:
         with checkpointing(run_dir) as stages, stop_on_ctrl_c():
             metrics = run(run_dir)
     except KeyboardInterrupt:
-        console.print(f"[bold red]interrupted[/]: run the same command again (same --run-dir "
-                      f"{run_dir.path}) to resume after the last finished epoch")
+        if rank == 0:
+            _report(f"[bold red]interrupted[/]: run the same command again (same --run-dir "
+                    f"{run_dir.path}) to resume after the last finished epoch", INTERRUPTED)
         return INTERRUPTED
     except Exception as error:
         started = run_dir.created
@@ -220,22 +251,213 @@ def execute(run_dir: RunDir) -> int:
             raise
         if started:  # the whole story for whoever debugs it, beside the run
             with contextlib.suppress(OSError):  # the disk may be what failed
-                (run_dir.path / "error.log").write_text(traceback.format_exc())
+                log_name = "error.log" if rank == 0 else f"error-process{rank}.log"
+                (run_dir.path / log_name).write_text(traceback.format_exc())
         # without the "In call to configurable ..." lines gin adds on the way up
         message = "\n".join(line for line in str(error).splitlines()
                             if not line.strip().startswith("In call to configurable"))
         if isinstance(error, OSError):  # a failed read or write (a full disk, a size limit)
             message += "; earlier files are intact"
-        console.print(f"[bold red]{'error' if started else 'config error'}[/]: {message}")
-        return FAILED if started else CONFIG_ERROR
+        where = f" (process {rank})" if rank else ""
+        code = FAILED if started else CONFIG_ERROR
+        _report(f"[bold red]{'error' if started else 'config error'}[/]{where}: {message}", code)
+        return code
+    if not run_dir.writes:  # process 0 finishes the run folder and shows the metrics
+        return 0
     if stages.resumed:
         console.print(f"resumed: {', '.join(stages.resumed)}")
     shutil.rmtree(run_dir.path / "stages", ignore_errors=True)  # the run is done: bounded disk
     (run_dir.path / "error.log").unlink(missing_ok=True)  # an earlier attempt's, now resumed
+    for log_file in run_dir.path.glob("error-process*.log"):
+        log_file.unlink(missing_ok=True)
+    if distributed is not None:
+        run_dir.write_json(DISTRIBUTED, distributed)
     run_dir.write_text(FINISHED, "")
     show_metrics(metrics)
     console.print(f"run directory: [bold]{run_dir.path}[/]")  # shown even with --quiet
     return 0
+
+
+# ---------------------------------------------------------------------- several processes
+
+_MESSAGES: Path | None = None  # a spawned process's folder for its final line (the launcher prints it)
+
+
+def _report(text: str, code: int) -> None:
+    """The run's final one-line message: printed, or, in a process ``--nproc`` spawned, left for
+    the launcher, which prints one line for all of them (the first process's, if it left one)."""
+    if _MESSAGES is None:
+        console.print(text)
+        return
+    with contextlib.suppress(OSError):
+        tmp = _MESSAGES / f".{idist.get_rank()}.tmp"
+        tmp.write_text(f"{code}\n{text}")
+        os.replace(tmp, _MESSAGES / str(idist.get_rank()))
+
+
+def _torchrun_world() -> int:
+    """The number of processes torchrun (or another launcher setting its variables) started."""
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 1
+    return int(os.environ["WORLD_SIZE"])
+
+
+def _graph_name() -> str | None:
+    try:
+        return gin.query_parameter("run.graph").configurable.name
+    except (ValueError, AttributeError):
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """Under ``python -m components.run``, spawned processes would run this module again as
+    their ``__main__`` and then import it by name for the worker: gin would hold two ``run``
+    configurables. Hide the main module from multiprocessing while it spawns."""
+    main = sys.modules["__main__"]
+    if getattr(getattr(main, "__spec__", None), "name", None) != __spec__.name:
+        yield
+        return
+    spec, file = main.__spec__, main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+        if file is not None:
+            main.__file__ = file
+
+
+def _distributed(args: argparse.Namespace, path: Path, level: int, launched: bool) -> int:
+    """Run the parsed configuration in several processes: spawned here (``--nproc``) with
+    ``idist.Parallel``, or this one of those torchrun started."""
+    if launched and args.nproc > 1:
+        console.print("[bold red]config error[/]: --nproc with torchrun: torchrun starts the processes "
+                      "(--nproc_per_node); leave --nproc out")
+        return CONFIG_ERROR
+    graph = _graph_name()
+    if graph not in DISTRIBUTED_GRAPHS:
+        if not launched or int(os.environ.get("RANK", 0)) == 0:
+            console.print(f"[bold red]config error[/]: run.graph = @{graph} runs in one process only; "
+                          f"several processes (--nproc, torchrun) run {', '.join(DISTRIBUTED_GRAPHS)}")
+        return CONFIG_ERROR
+    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl" and torch.cuda.device_count() < max(args.nproc, 1) and not launched:
+        console.print(f"[bold red]config error[/]: --backend nccl needs a GPU per process: {args.nproc} "
+                      f"processes, {torch.cuda.device_count()} GPUs; use --backend gloo")
+        return CONFIG_ERROR
+    # spawned processes share the cores, as torchrun makes them (it sets OMP_NUM_THREADS=1)
+    threads = None if launched or "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1)
+                                                                           // args.nproc)
+    spec = {"gin": args.gin, "bindings": args.gin_bindings, "run_dir": str(path), "fresh": args.fresh,
+            "level": level, "messages": None, "threads": threads}
+    if launched:  # torchrun: this process is one of them; idist.Parallel reads its variables
+        with idist.Parallel(backend=backend) as parallel:
+            parallel.run(_worker, spec)
+        return spec.get("code", 0)
+    worker = _worker
+    if __name__ == "__main__":  # the spawned processes import the worker by this module's name
+        worker = importlib.import_module(__spec__.name)._worker
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # "Terminating process"
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # the processes stop
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="components-run-") as messages:
+            spec["messages"] = messages
+            try:
+                with _main_not_rerun(), idist.Parallel(backend=backend, nproc_per_node=args.nproc,
+                                                       master_port=_free_port()) as parallel:
+                    parallel.run(worker, spec)
+            except ProcessRaisedException as error:  # a bug: its traceback, as in one process
+                print(error.msg.strip(), file=sys.stderr)
+                return FAILED
+            except ProcessExitedException as error:
+                return _launcher_exit(Path(messages), error, bool(interrupted))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return INTERRUPTED if interrupted else 0
+
+
+def _launcher_exit(messages: Path, error: Exception, interrupted: bool) -> int:
+    """Print the one line the processes left (process 0's first) and return its exit code."""
+    for rank in sorted(int(f.name) for f in messages.iterdir() if f.name.isdigit()):
+        code, text = (messages / str(rank)).read_text().split("\n", 1)
+        console.print(text)
+        return int(code)
+    if interrupted:
+        console.print("[bold red]interrupted[/]: run the same command again to resume")
+        return INTERRUPTED
+    console.print(f"[bold red]error[/]: {error} (killed: out of memory?)")
+    return FAILED
+
+
+def _worker(local_rank: int, spec: dict) -> None:
+    """One process of a distributed run (``idist.Parallel`` calls it). A process that fails
+    leaves at once with its exit code: the others may be waiting in a collective, and the
+    launcher (``--nproc`` or torchrun) ends them."""
+    code = _work(spec)
+    spec["code"] = code
+    if code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _work(spec: dict) -> int:
+    global _MESSAGES
+    _MESSAGES = Path(spec["messages"]) if spec["messages"] else None
+    rank, world = idist.get_rank(), idist.get_world_size()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    setup_logging(spec["level"] if rank == 0 else logging.ERROR)  # one voice: process 0's
+    try:
+        parse_config(spec["gin"], spec["bindings"])  # spawned processes inherit no gin state
+    except ConfigError as error:
+        if rank == 0:
+            _report(f"[bold red]config error[/]: {error}", CONFIG_ERROR)
+        return CONFIG_ERROR
+    config = gin.config_str()
+    digests = list(idist.all_gather(hashlib.sha256(config.encode()).hexdigest()))
+    if any(d != digests[0] for d in digests):
+        if rank == 0:
+            others = [r for r, d in enumerate(digests) if d != digests[0]]
+            _report(f"[bold red]config error[/]: process(es) {others} resolved another configuration "
+                    "than process 0 from the same files and bindings (did a gin file change while the "
+                    "processes started, or does a file differ between the machines?)", CONFIG_ERROR)
+        return CONFIG_ERROR
+    path = Path(idist.broadcast(spec["run_dir"] if rank == 0 else None, src=0, safe_mode=True))
+    status, finished = 0, None
+    if rank == 0:
+        try:
+            finished = prepare_run_dir(path, config, spec["fresh"])
+        except ConfigError as error:
+            _report(f"[bold red]config error[/]: {error}", CONFIG_ERROR)
+            status = CONFIG_ERROR
+    # process 0's verdict on the folder: 0 run, 2 refused, -1 finished
+    status = int(idist.broadcast(torch.tensor([-1 if finished is not None else status]), src=0).item())
+    if status == CONFIG_ERROR:
+        return CONFIG_ERROR
+    if status == -1:
+        if rank == 0:
+            console.print(f"{path} holds a finished run: nothing to do, nothing written "
+                          "(--fresh starts it over)")
+            show_metrics(finished)
+        return 0
+    run_dir = RunDir(path, on_create=lambda d: d.write_text(RUN_CONFIG, config))
+    if rank == 0 and path.exists() and not (path / RUN_CONFIG).exists():
+        run_dir.write_text(RUN_CONFIG, config)
+    idist.barrier()  # the folder is ready (or emptied by --fresh) before anyone reads it
+    record = {"world_size": world, "backend": idist.backend(),
+              "processes": [{"rank": r, "config_sha256": d} for r, d in enumerate(digests)]}
+    return execute(run_dir, record)
 
 
 # bindings that say where things go, not what is computed: a run may resume with them changed
