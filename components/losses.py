@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from components.models.network import side_group
+
 
 @gin.configurable
 class DistillLoss(nn.Module):
@@ -58,20 +60,20 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
+        dist.all_gather(out, x.contiguous(), group=side_group())
         return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
         summed = torch.stack(grads)
-        dist.all_reduce(summed)
+        dist.all_reduce(summed, group=side_group())
         return summed[dist.get_rank()]
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
     """Every process's ``x`` (same shape everywhere), concatenated in rank order; no gradient."""
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
+    dist.all_gather(out, x.contiguous(), group=side_group())
     return torch.cat(out)
 
 

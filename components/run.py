@@ -409,6 +409,7 @@ def _worker(local_rank: int, spec: dict) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    idist.barrier()  # no process tears the process group down while another still talks
 
 
 def _work(spec: dict) -> int:

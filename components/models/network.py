@@ -69,17 +69,18 @@ class Network(nn.Module):
         return self
 
 
-_GROUP: dict[int, object] = {}
+_SIDE_GROUP: dict[int, object] = {}
 
 
-def _group():
-    """A process group of its own for the statistics' all-reduces: DDP reduces gradients
-    asynchronously on the default group while the backward pass runs these."""
-    key = id(dist.group.WORLD)
-    if key not in _GROUP:
-        _GROUP.clear()
-        _GROUP[key] = dist.new_group()
-    return _GROUP[key]
+def side_group():
+    """A process group of its own (the same processes) for the collectives that layers and
+    losses run inside a training step (statistics, gathered embeddings, and their gradients):
+    DDP reduces gradients asynchronously on the default group during the backward pass."""
+    key = id(dist.group.WORLD)  # a new default group (a new run in this process) gets a new one
+    if key not in _SIDE_GROUP:
+        _SIDE_GROUP.clear()
+        _SIDE_GROUP[key] = dist.new_group()
+    return _SIDE_GROUP[key]
 
 
 class _AllReduce(torch.autograd.Function):
@@ -88,13 +89,13 @@ class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
-        dist.all_reduce(x, group=_group())
+        dist.all_reduce(x, group=side_group())
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
-        dist.all_reduce(grad, group=_group())
+        dist.all_reduce(grad, group=side_group())
         return grad
 
 
