@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -287,6 +288,8 @@ def _report(text: str, code: int) -> None:
     """The run's final one-line message: printed, or, in a process ``--nproc`` spawned, left for
     the launcher, which prints one line for all of them (the first process's, if it left one)."""
     if _MESSAGES is None:
+        if idist.get_rank() > 0:  # under torchrun: process 0's line first; a failure shared by
+            time.sleep(2)  # every process then ends this one (torchrun stops them) before it says it again
         console.print(text)
         return
     with contextlib.suppress(OSError):
@@ -359,8 +362,7 @@ def _distributed(args: argparse.Namespace, path: Path, level: int, launched: boo
             "level": level, "messages": None, "threads": threads}
     if launched:  # torchrun: this process is one of them; idist.Parallel reads its variables
         with idist.Parallel(backend=backend) as parallel:
-            parallel.run(_worker, spec)
-        return spec.get("code", 0)
+            parallel.run(_worker, spec)  # ends the process
     worker = _worker
     if __name__ == "__main__":  # the spawned processes import the worker by this module's name
         worker = importlib.import_module(__spec__.name)._worker
@@ -383,7 +385,7 @@ def _distributed(args: argparse.Namespace, path: Path, level: int, launched: boo
                 return _launcher_exit(Path(messages), error, bool(interrupted))
     finally:
         signal.signal(signal.SIGINT, previous)
-    return INTERRUPTED if interrupted else 0
+    return 0  # every process finished (a Ctrl-C that came after their last step changes nothing)
 
 
 def _launcher_exit(messages: Path, error: Exception, interrupted: bool) -> int:
@@ -400,16 +402,23 @@ def _launcher_exit(messages: Path, error: Exception, interrupted: bool) -> int:
 
 
 def _worker(local_rank: int, spec: dict) -> None:
-    """One process of a distributed run (``idist.Parallel`` calls it). A process that fails
-    leaves at once with its exit code: the others may be waiting in a collective, and the
-    launcher (``--nproc`` or torchrun) ends them."""
+    """One process of a distributed run (``idist.Parallel`` calls it). It leaves with
+    ``os._exit``: a process that fails at once, with its exit code (the others may be waiting
+    in a collective, and the launcher, ``--nproc`` or torchrun, ends them); one that succeeded
+    after the others reached the end too. torch's distributed objects can abort the process
+    ("terminate called without an active exception") when the interpreter tears them down at
+    exit; by then every file is written and closed."""
     code = _work(spec)
-    spec["code"] = code
-    if code != 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    idist.barrier()  # no process tears the process group down while another still talks
+    if code == 0:
+        idist.barrier()
+    leave(code)
+
+
+def leave(code: int) -> None:
+    """End this process of a distributed run now with ``code``, output flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _work(spec: dict) -> int:

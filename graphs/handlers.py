@@ -91,7 +91,8 @@ def stop_on_ctrl_c():
         if _INTERRUPTED["asked"]:
             raise KeyboardInterrupt
         _INTERRUPTED["asked"] = True
-        console.print("stopping after the current step (Ctrl-C again to stop at once)")
+        if idist.get_rank() == 0:  # every process of a distributed run gets the signal
+            console.print("stopping after the current step (Ctrl-C again to stop at once)")
 
     previous = signal.signal(signal.SIGINT, ask)
     _INTERRUPTED["asked"] = False

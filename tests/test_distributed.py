@@ -30,7 +30,7 @@ from components.data import BatchAugment, ImageSet, image_loader
 from components.losses import DistillLoss, GCDContrastive, SupConLoss
 from components.models import Network, SmallConvNet
 from components.models.network import global_batchnorm
-from components.run import CONFIG_ERROR, DISTRIBUTED, FAILED, _free_port, main, parse_config
+from components.run import CONFIG_ERROR, DISTRIBUTED, FAILED, _free_port, leave, main, parse_config
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.train import adapt, distill, train
@@ -169,6 +169,7 @@ def _checks(local_rank: int, out: str) -> None:
     results["evaluate"] = evaluate(outputs, 3, [40, 20, 10])
     torch.save(results, f"{out}/rank{rank}.pt")
     idist.barrier()
+    leave(0)  # as the command line's processes do: no teardown of torch's distributed objects
 
 
 def _close(a, b, tol: float = 1e-5) -> bool:
