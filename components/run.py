@@ -171,10 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--run-dir", default=None, metavar="DIR", help="output folder (default runs/<gin name>-<time>)")
     add("--fresh", action="store_true", help="start over in --run-dir instead of resuming it")
     add("--nproc", type=int, default=1, metavar="N",
-        help="run in N processes on this machine (DDP through ignite.distributed; the batch size "
-             "stays the global one); under torchrun leave it out")
-    add("--backend", choices=("gloo", "nccl"), default=None,
-        help="the distributed backend (default: nccl when CUDA is available, else gloo)")
+        help="run in N processes (DDP; see docs/scale.md)")
+    add("--backend", choices=("gloo", "nccl"), default=None, metavar="B",
+        help="gloo or nccl (default: nccl with CUDA, else gloo)")
     add("--print-config", action="store_true", help="print the resolved bindings and exit")
     add("--list", action="store_true", help="list every configurable and its defaults, exit")
     add("--list-gin", action="store_true", help="list the shipped gin files, exit")
