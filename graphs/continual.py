@@ -57,6 +57,7 @@ from components.memory import LABELED, STREAM, ExemplarMemory
 from components.metrics import cluster_truth, continual_summary, grouped_accuracy
 from components.pool import SamplePool
 from components.scores import Score
+from graphs.consolidate import consolidate as relabel_discovered
 from graphs.encode import encode
 from graphs.handlers import (
     CheckedDiskSaver,
@@ -436,55 +437,25 @@ class ContinualLoop:
         representation learned on the whole stream; each new cluster takes the output it shares
         most samples with (Hungarian), and a student distilled on the labeled memory plus these
         labels replaces the model if the gate lets it."""
-        from scipy.optimize import linear_sum_assignment
-
         p, st = self.protocol, self.state
         n_old, n_all = p.n_old, len(st.classes)
-        k = n_all - n_old
-        predicted = self._encode(self.model, p.stream)["logits"].argmax(1)
-        ids = np.flatnonzero(predicted >= n_old)
-        entry = {"candidates": int(len(ids))}
-        record["consolidation"] = entry
-        if len(ids) < 2 * k:
-            entry["decision"] = "too few samples"
-            return
         _, targets = st.memory.items()
         labeled = np.flatnonzero(targets < n_old)
         memory = self._memory_images()
         memory = ImageSet(memory.images[torch.from_numpy(labeled)], memory.targets[torch.from_numpy(labeled)],
                           memory.classes, f"{p.name}/labeled-memory")
-        images = p.stream.subset(ids, f"{p.name}/assigned-new")
-        learner = copy.deepcopy(self.model)
-        if self.representation is not None:
-            self.representation(learner, memory, p.stream, self.augment, self.device)
-        on_u = encode(learner, images, self.augment, self.cache, self.device)
-        on_l = encode(learner, memory, self.augment, self.cache, self.device)
-        labeler = copy.copy(self.labeler)  # k is known now: the classes the loop kept
-        labeler.k_new = k
-        if hasattr(labeler, "overcluster"):  # one cluster per output here
-            labeler.overcluster = 1
-        result = labeler(on_u[self.cluster_on], on_l[self.cluster_on], on_l["targets"], n_old)
-        # each new cluster takes the discovered output it shares most samples with
-        new = result.labels >= n_old
-        counts = np.zeros((k, k))
-        np.add.at(counts, (result.labels[new] - n_old, predicted[ids][new] - n_old), 1)
-        rows, cols = linear_sum_assignment(-counts)
-        output = dict(zip(rows + n_old, cols + n_old, strict=True))
-        keep = confident(result, self.keep_fraction, first=n_old) & new
-        pseudo_ids = ids[keep]
-        pseudo_targets = np.array([output[c] for c in result.labels[keep]], dtype=np.int64)
+        names = [c["name"] for c in st.classes]
+        student, entry, _ = relabel_discovered(self.model, self.model, memory, p.stream, n_old, names,
+                                            self.augment, self.cache, self.device, self.labeler,
+                                            self.representation, self.cluster_on, self.keep_fraction)
+        record["consolidation"] = entry
+        if student is None:
+            return
+        pseudo_ids, pseudo_targets = entry.pop("ids"), entry.pop("targets")
         truth = p.stream.targets.numpy()  # for the report only
         entry["outputs"] = [{"id": c, "size": int((pseudo_targets == c).sum()),
                              "truth": cluster_truth(truth[pseudo_ids][pseudo_targets == c])}
                             for c in range(n_old, n_all)]
-        names = [c["name"] for c in st.classes]
-        taught = ImageSet(torch.cat([memory.images, p.stream.images[torch.from_numpy(pseudo_ids)]]),
-                          torch.cat([memory.targets, torch.from_numpy(pseudo_targets)]), names,
-                          f"{p.name}/labeled+relabeled")
-        student = learner
-        # the teacher keeps the labeled classes only: its discovered outputs are what is being
-        # relabeled, and distilling them would teach the student the old (merged) labels again
-        distill(student, FirstOutputs(self.model, n_old), taught, self.augment, self.device)
         before, after = self._val_correct(self.model), self._val_correct(student)
         promoted, why = self.gate(before, after)
         entry["decision"], entry["why"] = ("promoted" if promoted else "kept"), why
@@ -635,17 +606,6 @@ class ContinualLoop:
                        "distractors": int((stream_truth < 0).sum())},
             "seconds": seconds,
         })
-
-
-class FirstOutputs(nn.Module):
-    """``model``'s first ``n`` logits: a teacher that speaks only for those classes."""
-
-    def __init__(self, model: nn.Module, n: int) -> None:
-        super().__init__()
-        self.model, self.n = model, n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[:, :self.n]
 
 
 def _pool_truth(targets: np.ndarray, p: ProtocolData) -> dict:

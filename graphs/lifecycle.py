@@ -16,13 +16,15 @@ import torch
 from ignite.utils import manual_seed
 from torch import nn
 
+from components.acceptance import PromotionGate
 from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData
 from components.kmeans import confident
-from components.metrics import clustering_accuracy, novelty_metrics, pool_quality
+from components.metrics import cluster_truth, clustering_accuracy, novelty_metrics, pool_quality
 from components.pool import SamplePool
 from components.scores import Score
 from components.thresholds import FalseAlarmRate
+from graphs.consolidate import consolidate as relabel_discovered
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.handlers import RunDir, describe, log, rank_zero, save_checkpoint
@@ -55,6 +57,8 @@ def lifecycle(
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "features",
     keep_fraction: float = 1.0,
+    consolidate: bool = False,
+    gate: PromotionGate | None = None,
     embedding: str = "pca",
     seed: int = 0,
 ) -> dict:
@@ -71,6 +75,11 @@ def lifecycle(
     distillation (:func:`components.kmeans.confident`); the rest stay in the pool for the next
     trigger. A labeler that refuses the pool (too few samples for its clusters, NaN features,
     nothing to estimate k against) leaves the pool as it was, and the run reports the teacher.
+
+    ``consolidate``: after distillation, label the discovered classes again from every stream
+    sample seen that the student assigns to them (:func:`graphs.consolidate.consolidate`); the
+    relabeled student replaces the first one if ``gate`` (a :class:`PromotionGate` on the
+    held-out known-class images) lets it.
     """
     if cluster_on not in ("features", "projected"):
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
@@ -146,6 +155,11 @@ def lifecycle(
                          "pooled for the next trigger and the teacher is reported as it is")
             log.warning(f"[yellow]{notes[-1]}[/]")
             student, k_new, extras, pool_clusters = None, 0, {}, dict(NOTHING_CLUSTERED)
+    consolidation = None
+    if consolidate and student is not None and k_new > 0:
+        student, consolidation = _consolidate(run_dir, student, teacher, protocol, position, augment, cache,
+                                              device, labeler, representation, cluster_on, keep_fraction,
+                                              PromotionGate() if gate is None else gate)
 
     # 5. evaluate both models on held-out test images
     before = evaluate(_my_rows(cached["test"]), protocol.n_old, protocol.train_counts)
@@ -164,6 +178,7 @@ def lifecycle(
         "pool_clustering": pool_clusters,
         "k_new": k_new,
         "k_scores": extras.pop("k_scores", {}),  # each candidate's score when k_new was estimated
+        "consolidation": consolidation,
         "seconds": time.perf_counter() - started,
     }
     if run_dir.writes:  # process 0 (or the only one) writes; the others wait at the barrier
@@ -175,6 +190,38 @@ def lifecycle(
     if idist.get_world_size() > 1:
         idist.barrier()
     return metrics
+
+
+def _consolidate(run_dir, student, teacher, protocol, position, augment, cache, device, labeler,
+                 representation, cluster_on, keep_fraction, gate):
+    """Relabel the student's discovered classes from the stream seen so far and keep the
+    relabeled student if the gate lets it (held-out known-class images, never the test set).
+    Returns the model to report and what happened (for metrics.json)."""
+    seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
+    relabeled, entry, distiller = relabel_discovered(
+        student, teacher, protocol.labeled, seen, protocol.n_old, protocol.class_names, augment, cache,
+        device, labeler, representation, cluster_on, keep_fraction)
+    if relabeled is None:
+        return student, entry
+    truth = seen.targets.numpy()[entry.pop("ids")]  # for the report only
+    targets = entry.pop("targets")
+    entry["outputs"] = [cluster_truth(truth[targets == c]) | {"id": int(c), "size": int((targets == c).sum())}
+                        for c in np.unique(targets)]
+    if protocol.val is None or len(protocol.val) == 0:
+        entry["decision"], entry["why"] = "kept", "no held-out known-class images to gate it on"
+        return student, entry
+
+    def correct(model):
+        val = encode(model, protocol.val, augment, cache, device)
+        return val["logits"].argmax(1) == val["targets"]
+
+    promoted, why = gate(correct(student), correct(relabeled))
+    entry["decision"], entry["why"] = ("promoted" if promoted else "kept"), why
+    log.info(f"consolidation: {entry['candidates']} stream samples relabeled; {entry['decision']} ({why})")
+    if not promoted:
+        return student, entry
+    save_checkpoint(run_dir, relabeled, distiller, "consolidated")
+    return relabeled, entry
 
 
 def _my_rows(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,8 +2,9 @@
 
 * every relative link and image in README.md and docs/*.md points at a file that exists (and,
   for ``page.md#anchor``, at a heading of that page);
-* every ``python -m components.run`` / ``components.seeds`` / ``components.suite`` command shown, in a code block or
-  inline, names gin files that exist and resolves with ``--print-config`` from an empty folder;
+* every ``python -m components.run`` / ``components.seeds`` / ``components.suite`` command
+  shown, in a code block or inline, names gin files that exist and resolves with
+  ``--print-config`` from an empty folder;
 * every test a docs page cites exists, and docs/configuration.md lists every shipped gin file;
 * the README's code snippet runs;
 * the wheel holds every module and gin file, and ``--print-config`` works from it alone;

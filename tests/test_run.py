@@ -99,6 +99,23 @@ def test_whole_loop_on_digits(tmp_path):
     assert state["classifier.weight"].shape[0] == 7
 
 
+def test_consolidation_relabels_what_the_student_assigns_and_goes_through_the_gate(tmp_path):
+    code, run_dir = _run(tmp_path, *SHORT, "adapt.epochs = 10", "distill.epochs = 10",
+                         "lifecycle.consolidate = True")
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    entry = metrics["consolidation"]
+    # the stream samples the student gives a discovered output are relabeled: at least two
+    # per output (else no student is made), and no sample twice
+    assert entry["candidates"] >= 2 * metrics["k_new"]
+    assert {o["id"] for o in entry["outputs"]} <= {7, 8, 9}
+    assert sum(o["size"] for o in entry["outputs"]) <= entry["candidates"]
+    assert entry["decision"] in ("promoted", "kept") and "held-out" in entry["why"]
+    names = sorted(c.name.split("_")[0] for c in (run_dir / "checkpoints").glob("*.pt"))
+    assert names == (["consolidated", "student", "teacher"] if entry["decision"] == "promoted"
+                     else ["student", "teacher"])
+
+
 def test_swaps_are_bindings(tmp_path):
     """Backbone and confidence score change by binding, with no code edit."""
     code, run_dir = _run(
