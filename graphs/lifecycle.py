@@ -55,7 +55,7 @@ def lifecycle(
     threshold: Callable = FIVE_PERCENT_FALSE_ALARMS,
     temperature_scaling: bool = True,
     representation: Callable[..., object] | None = adapt,
-    cluster_on: str = "features",
+    cluster_on: str = "projected",
     keep_fraction: float = 1.0,
     consolidate: bool = False,
     gate: PromotionGate | None = None,

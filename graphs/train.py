@@ -279,9 +279,9 @@ def distill(
     augment: nn.Module,
     device: torch.device,
     loss: nn.Module = gin.REQUIRED,
-    epochs: int = 30,
+    epochs: int = 80,
     batch_size: int = 64,
-    sampler: str = "class_balanced",
+    sampler: str = "instance",
     confidence_loss: nn.Module | None = None,
     confidence_weight: float = 1.0,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
@@ -327,7 +327,7 @@ def adapt(
     epochs: int = 60,
     batch_size: int = 128,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
-    cosine: bool = True,
+    cosine: bool = False,
     seed: int = 0,
 ) -> Engine:
     """Representation learning on labeled and unlabeled images together before clustering, as
