@@ -10,7 +10,8 @@ student's teacher speaks for the labeled classes only: its discovered outputs ar
 relabeled, and distilling them would teach the old labels again.
 
 The continual loop runs it once at the stream's end (``continual.consolidate``), the
-single-round loop after its distillation (``lifecycle.consolidate``); docs/loop.md measures both.
+single-round loop after its distillation (``lifecycle.consolidate``); docs/loop.md and
+docs/suite.md measure both.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     ids = np.flatnonzero(predicted >= n_old)
     entry: dict = {"candidates": int(len(ids))}
     if k < 1 or len(ids) < 2 * k:
-        entry["decision"] = "too few samples"
+        entry["decision"] = "no discovered classes" if k < 1 else "too few samples"
         return None, entry, None
     images = stream.subset(ids, f"{stream.name}/assigned-new")
     learner = copy.deepcopy(model)

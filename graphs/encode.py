@@ -134,9 +134,8 @@ def _encode_distributed(model, images, augment, cache, device, batch_size, views
     share = -(-len(images) // world)  # rows per process; the last may hold fewer (or none)
     start, stop = min(rank * share, len(images)), min((rank + 1) * share, len(images))
     # a process with no share encodes one image for the arrays' shapes, and keeps none
-    first = start if stop > start else 0
-    mine = ImageSet(images.images[first:max(stop, 1)], images.targets[first:max(stop, 1)], images.classes,
-                    images.name)
+    first, last = (start, stop) if stop > start else (0, 1)
+    mine = ImageSet(images.images[first:last], images.targets[first:last], images.classes, images.name)
     local = _encoded(model, mine, augment, device, batch_size, views, seed + rank)
     if stop == start:
         local = {name: [view[:0] for view in per_view] for name, per_view in local.items()}

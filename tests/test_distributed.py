@@ -70,7 +70,9 @@ def test_sharded_samplers_partition_each_epoch_into_the_one_process_batches(samp
             # the processes' batches, interleaved, are the one-process batch: same images, same step
             assert [i for pair in zip(*local, strict=True) for i in pair] == batch
     with pytest.raises(ValueError, match="does not split evenly over 2 processes"):
-        image_loader(images, 7, world_size=WORLD, rank=0)
+        image_loader(images, 7, seed=3, world_size=WORLD, rank=0)
+    with pytest.raises(ValueError, match="needs a seed"):  # unseeded processes draw different epochs
+        image_loader(images, 8, world_size=WORLD, rank=0)
     # without drop_last the shards are padded to the same length: no process waits for another
     sizes = {len(list(image_loader(images, 8, sampler=sampler, seed=3, epochs=3, world_size=WORLD,
                                    rank=r).sampler)) for r in range(WORLD)}

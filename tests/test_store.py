@@ -195,7 +195,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_a_partial_build_of_a_changed_tree_starts_over(tree, tmp_path):
+def test_a_partial_build_of_a_changed_tree_starts_over(tree, tmp_path, capsys):
     store = tmp_path / "store"
 
     def stop(files_done: int) -> None:
@@ -204,6 +204,8 @@ def test_a_partial_build_of_a_changed_tree_starts_over(tree, tmp_path):
     with pytest.raises(Interrupted):
         build_store(tree, store, image_size=SIZE, num_workers=0, chunk=4, progress=False, after_chunk=stop)
     assert (store / ".train.partial.json").exists()
+    assert main(["info", str(store)]) == 0  # says how far the partial build got, no traceback
+    assert "partial build, 4 of" in capsys.readouterr().out
     write_tree(tree, {"train": 7}, seed=1)  # rewrites the images and adds one per class
     summary = build_store(tree, store, image_size=SIZE, num_workers=0, chunk=4, progress=False)
     assert summary["train"]["resumed_from"] == 0 and summary["train"]["decoded"] == 21

@@ -190,6 +190,9 @@ def image_loader(
     dataset = BatchedImages(images)
     drop_last = drop_last and len(images) > batch_size
     if world_size > 1:
+        if seed is None:
+            raise ValueError("a sharded loader needs a seed: every process must draw the same epoch "
+                             "for the shards to fit together (give image_loader a seed)")
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} processes: "
                              f"choose a multiple of {world_size} (each process takes batch_size / "

@@ -578,7 +578,7 @@ def _size(n: float) -> str:
 
 
 def _info(out: Path, root: Path | None) -> int:
-    splits = sorted({p.stem for p in out.glob("*.json")}
+    splits = sorted({p.stem for p in out.glob("*.json") if not p.name.startswith(".")}
                     | {p.name[1:-len(".partial.json")] for p in out.glob(".*.partial.json")})
     if not splits:
         print(f"{out}: no image store here (no <split>.json)", file=sys.stderr)
