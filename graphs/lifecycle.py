@@ -57,7 +57,7 @@ def lifecycle(
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "projected",
     keep_fraction: float = 1.0,
-    consolidate: bool = False,
+    consolidate: bool = True,
     gate: PromotionGate | None = None,
     embedding: str = "pca",
     seed: int = 0,
