@@ -192,3 +192,37 @@ def test_training_curves_go_to_tensorboard_when_asked(tmp_path):
     losses = events.Scalars("train/loss")
     assert len(losses) == engine.state.iteration == 6
     assert events.Scalars("train/accuracy") and events.Scalars("train/lr/group_0")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_autocast_and_channels_last_are_options_of_every_training_graph(channels_last):
+    """``data_parallel.bf16``: the convolutions run in bfloat16 under autocast, the losses see
+    float32 outputs and the weights stay float32; ``data_parallel.channels_last``: NHWC weights
+    and batches. The model still learns (chance is 1/3 on these three classes)."""
+    import gin
+
+    model, images = _net(), _images(48)
+    seen: list[tuple[torch.dtype, bool]] = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    def record(module, inputs, output):  # a one-channel input is both layouts: look at the output
+        if module.training:
+            seen.append((output.dtype, output.is_contiguous(memory_format=torch.channels_last)))
+
+    conv.register_forward_hook(record)
+    with gin.unlock_config():
+        gin.bind_parameter("data_parallel.bf16", True)
+        gin.bind_parameter("data_parallel.channels_last", channels_last)
+    try:
+        engine = train(model, images, BatchAugment(), CPU, epochs=15, batch_size=16, optimizer=_sgd)
+    finally:
+        gin.clear_config()
+    assert seen and all(dtype == torch.bfloat16 for dtype, _ in seen)  # autocast ran the convolutions
+    assert all(layout == channels_last for _, layout in seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    wide = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1][-1]
+    assert wide.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert np.isfinite(engine.state.output["loss"])
+    model.eval()
+    with torch.no_grad():
+        predicted = model(BatchAugment().eval()(images.images)).argmax(1)
+    assert (predicted == images.targets).float().mean() > 0.6
