@@ -82,7 +82,7 @@ def test_a_string_where_an_int_is_wanted_names_the_binding_and_the_type():
     message = problems("distill.epochs = 'abc'")
     assert message.startswith("1 problem in the gin configuration")
     assert ("distill.epochs = 'abc': expects an int, got the str 'abc'; "
-            "e.g. distill.epochs = 30 (the default)") in message
+            "e.g. distill.epochs = 80 (the default)") in message
 
 
 def test_a_number_in_quotes_is_told_to_drop_the_quotes():
