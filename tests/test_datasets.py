@@ -10,8 +10,6 @@ stay together through the loader.
 from __future__ import annotations
 
 import os
-import pickle
-import pickletools
 import re
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import gin
 import numpy as np
 import pytest
 import torch
+from test_data import _py2_pickle  # CIFAR's Python 2 pickles, written as tests/test_data.py does
 
 from components.data.splits import long_tail_counts, make_protocol
 from components.run import main, parse_config
@@ -84,19 +83,6 @@ def _pixels_follow_labels(images, classes_by_id: list[int]) -> None:
 # --------------------------------------------------------------------------- CIFAR (torchvision's pickles)
 
 
-def _py2_pickle(obj, py2_strings: set[str]) -> bytes:
-    """Pickle as the real CIFAR files are (Python 2 pickles, protocol 2): the given strings become
-    Python 2 ``str`` (SHORT_BINSTRING), read back by torchvision's ``encoding='latin1'``."""
-    data = pickle.dumps(obj, protocol=2)
-    ops = list(pickletools.genops(data))
-    out = bytearray(data[: ops[0][2]])
-    for k, (op, arg, pos) in enumerate(ops):
-        end = ops[k + 1][2] if k + 1 < len(ops) else len(data)
-        if op.name == "BINUNICODE" and arg in py2_strings and arg.isascii() and len(arg) < 256:
-            out += b"U" + bytes([len(arg)]) + arg.encode("ascii")
-        else:
-            out += data[pos:end]
-    return bytes(out)
 
 
 def _cifar_rows(labels: list[int]) -> np.ndarray:

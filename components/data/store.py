@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from components.cache import format_size
 from components.data.sources import (
     UNREADABLE_SHOWN,
     ImageSet,
@@ -569,12 +570,6 @@ def image_store(
 # python -m components.data.store
 # --------------------------------------------------------------------------------------------
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _info(out: Path, root: Path | None) -> int:
@@ -595,7 +590,7 @@ def _info(out: Path, root: Path | None) -> int:
             continue
         size = paths["npy"].stat().st_size if paths["npy"].exists() else 0
         line = (f"{split}: {meta['count']:,} images {meta['image_size']}×{meta['image_size']}, "
-                f"{len(meta['classes'])} classes, {_size(size)}, {len(meta['skipped'])} skipped, "
+                f"{len(meta['classes'])} classes, {format_size(size)}, {len(meta['skipped'])} skipped, "
                 f"built {meta.get('built')} from {meta.get('tree') or 'arrays (write_store)'}")
         if root is not None:
             try:
