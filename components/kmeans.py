@@ -327,6 +327,24 @@ class SemiSupervisedKMeans:
         runs = [self._run(x_u, x_l, y_l, old, k_new, self.seed + i) for i in range(self.n_init)]
         return min(runs, key=lambda r: r.inertia)
 
+    def refine(self, result: KMeansResult, unlabeled: np.ndarray, labeled: np.ndarray,
+               labeled_targets: np.ndarray, n_old: int) -> KMeansResult:
+        """Semi-supervised k-means on other ``unlabeled`` samples (e.g. the whole stream seen
+        so far), started from the new centroids of ``result`` (found by this labeler on a pool
+        of the same features): k stays ``result``'s, the labeled samples anchor the old
+        clusters as in :meth:`__call__`. The pool says what is new; the larger set says where
+        each new class lies (a pool of low-confidence samples holds the side of a new class
+        farthest from the known ones, so its centroids sit off-centre)."""
+        k_new = len(result.centroids) - n_old
+        if k_new < 1:
+            raise ValueError(f"nothing to refine: the result has no new cluster ({len(result.centroids)} "
+                             f"centroids for {n_old} old classes)")
+        y_l = np.asarray(labeled_targets, dtype=np.int64)
+        x_u, x_l = self.geometry(_check(unlabeled, "unlabeled"), _check(labeled, "labeled"), y_l, n_old)
+        if len(x_u) < k_new:
+            raise ValueError(f"cannot refine {k_new} new clusters on {len(x_u)} unlabeled samples")
+        return self.cluster(x_u, x_l, y_l, n_old, k_new, seeds=result.centroids[n_old:])
+
     def dense_groups(self, x_u: np.ndarray, x_l: np.ndarray | None = None) -> np.ndarray:
         """HDBSCAN's new groups among the unlabeled samples, numbered by size (largest first;
         ``-1``: noise or a known class); features already in this labeler's :meth:`geometry`.

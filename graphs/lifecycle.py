@@ -6,6 +6,7 @@ Every piece arrives as an argument (bound in gin); this module only says how the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -57,6 +58,7 @@ def lifecycle(
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "projected",
     keep_fraction: float = 1.0,
+    refine: bool = False,
     consolidate: bool = True,
     gate: PromotionGate | None = None,
     embedding: str = "pca",
@@ -76,6 +78,11 @@ def lifecycle(
     trigger. A labeler that refuses the pool (too few samples for its clusters, NaN features,
     nothing to estimate k against) leaves the pool as it was, and the run reports the teacher.
 
+    ``refine``: after clustering the pool, run the labeler's k-means again on every stream sample
+    seen so far, started from the pool's clusters (:meth:`SemiSupervisedKMeans.refine`); the
+    pseudo-labels are then the seen samples in new clusters plus the pooled ones in old clusters.
+    The pool says what is new, the seen stream where it lies.
+
     ``consolidate``: after distillation, label the discovered classes again from every stream
     sample seen that the student assigns to them (:func:`graphs.consolidate.consolidate`); the
     relabeled student replaces the first one if ``gate`` (a :class:`PromotionGate` on the
@@ -83,6 +90,9 @@ def lifecycle(
     """
     if cluster_on not in ("features", "projected"):
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
+    if refine and not callable(getattr(labeler, "refine", None)):
+        raise ValueError(f"lifecycle.refine = True needs a labeler with a refine() method "
+                         f"(SemiSupervisedKMeans has one); {labeler!r} has none: set refine = False")
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     if embedding not in ("pca", "tsne"):
@@ -149,7 +159,7 @@ def lifecycle(
         try:
             student, k_new, pool_clusters, extras = _discover_and_distill(
                 run_dir, protocol, teacher, pool, position, cached, augment, cache, device, labeler,
-                representation, cluster_on, keep_fraction)
+                representation, cluster_on, keep_fraction, refine)
         except PoolRefused as error:  # the labeler refused the pool: keep it for the next trigger
             notes.append(f"discovery refused the pool ({error}); its {len(pool)} samples stay "
                          "pooled for the next trigger and the teacher is reported as it is")
@@ -178,6 +188,7 @@ def lifecycle(
         "pool_clustering": pool_clusters,
         "k_new": k_new,
         "k_scores": extras.pop("k_scores", {}),  # each candidate's score when k_new was estimated
+        "pseudo_labels": extras.pop("pseudo_labels", {"pooled": 0, "not_pooled": 0}),  # stream samples taught
         "consolidation": consolidation,
         "seconds": time.perf_counter() - started,
     }
@@ -249,14 +260,14 @@ def _pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, not
 
 
 def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, augment, cache, device,
-                          labeler, representation, cluster_on, keep_fraction):
+                          labeler, representation, cluster_on, keep_fraction, refine=False):
     """Learn a representation on the labeled images and everything the stream has shown so far
     (optional), cluster the pool with the labeler (semi-supervised k-means anchored by the
     labeled set), grow a student by the discovered classes and distill into it on the confident
     pseudo-labels, which leave the pool. Returns the student, the number of discovered classes,
     the pool's clustering accuracy and what the report shows (training histories, the pool's
     clustered features, true classes and clusters). Raises :class:`PoolRefused`, with the pool
-    untouched, when the labeler refuses it."""
+    untouched, when the labeler refuses it. ``refine``: see :func:`lifecycle`."""
     ids = pool.ids
     pool_images = protocol.stream.subset(ids, f"{protocol.name}/pool")
     seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
@@ -267,34 +278,45 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
         histories["representation"] = getattr(getattr(adapted, "state", None), "history", [])
         cached_pool = encode(learner, pool_images, augment, cache, device)
         cached_labeled = encode(learner, protocol.labeled, augment, cache, device)
+        cached_seen = encode(learner, seen, augment, cache, device) if refine else None
     else:
         cached_pool = {k: v[ids] for k, v in cached["stream"].items()}
         cached_labeled = cached["labeled"]
+        cached_seen = {k: v[:position] for k, v in cached["stream"].items()}
+    labeled_on = (cached_labeled[cluster_on], cached_labeled["targets"], protocol.n_old)
     try:  # once, in process 0: every process gets its clusters
-        result = rank_zero(labeler, cached_pool[cluster_on], cached_labeled[cluster_on],
-                           cached_labeled["targets"], protocol.n_old)
+        result = rank_zero(labeler, cached_pool[cluster_on], *labeled_on)
     except ValueError as error:
         raise PoolRefused(str(error)) from error
     k_new = len(result.centroids) - protocol.n_old
+    # the stream rows that may be taught, their clusters and features: the pool's, or with
+    # ``refine`` the seen stream's (its samples in new clusters, the pooled ones in old clusters)
+    rows, clusters, on = ids, result, cached_pool
+    if refine and k_new > 0:  # the same clusters, moved to where the seen stream puts them
+        rows, on = np.arange(position), cached_seen
+        clusters = rank_zero(labeler.refine, result, cached_seen[cluster_on], *labeled_on)
+        result = dataclasses.replace(clusters, labels=clusters.labels[ids], distances=clusters.distances[ids],
+                                     k_scores=result.k_scores, k_estimate=result.k_estimate)
     pool_truth = cached["stream"]["targets"][ids]
     pool_clusters = clustering_accuracy(pool_truth, result.labels, pool_truth < protocol.n_old)
 
     # distill into a student whose classifier grew by the discovered classes
     student = learner
-    features = cached_pool["features"]
-    rows = np.stack([features[result.labels == protocol.n_old + j].mean(0) for j in range(k_new)])
-    student.grow(k_new, torch.from_numpy(rows).to(device))
-    keep = confident(result, keep_fraction)
+    means = [on["features"][clusters.labels == protocol.n_old + j].mean(0) for j in range(k_new)]
+    student.grow(k_new, torch.from_numpy(np.stack(means)).to(device))
+    keep = confident(clusters, keep_fraction) & ((clusters.labels >= protocol.n_old) | np.isin(rows, ids))
     taught = ImageSet(
-        torch.cat([protocol.labeled.images, pool_images.images[torch.from_numpy(keep)]]),
-        torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels[keep])]),
+        torch.cat([protocol.labeled.images, protocol.stream.images[torch.from_numpy(rows[keep])]]),
+        torch.cat([protocol.labeled.targets, torch.as_tensor(clusters.labels[keep])]),
         protocol.class_names, f"{protocol.name}/labeled+pseudo",
     )
     distiller = distill(student, teacher, taught, augment, device)
-    pool.remove(ids[keep])
+    pool.remove(np.intersect1d(ids, rows[keep]))
     save_checkpoint(run_dir, student, distiller, "student")
     histories["distill"] = distiller.state.history
     extras = {"histories": histories, "pool_features": cached_pool[cluster_on], "pool_truth": pool_truth,
               "pool_clusters": result.labels, "cluster_on": cluster_on,
-              "k_scores": {str(k): v for k, v in (result.k_scores or {}).items()}}
+              "k_scores": {str(k): v for k, v in (result.k_scores or {}).items()},
+              "pseudo_labels": {"pooled": int(np.isin(rows[keep], ids).sum()),
+                                "not_pooled": int((~np.isin(rows[keep], ids)).sum())}}
     return student, k_new, pool_clusters, extras

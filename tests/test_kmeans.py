@@ -3,6 +3,8 @@ scikit-learn on the same data."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans as SkKMeans
@@ -170,3 +172,35 @@ def test_whitening_finds_new_classes_along_directions_the_old_ones_do_not_use():
     _, w_l = whitened(unlabeled, labeled, labeled_y, ridge=1e-9)
     centred = w_l - np.stack([w_l[labeled_y == c].mean(0) for c in (0, 1)])[labeled_y]
     np.testing.assert_allclose(centred.T @ centred / len(w_l), np.eye(3), atol=1e-3)
+
+
+def test_refine_moves_the_pools_new_centroids_to_where_the_whole_stream_puts_them():
+    """A pool of low-confidence samples holds the far side of each new class: its centroids sit
+    off-centre. Refining on the whole stream, started from them, finds the classes' means and
+    keeps their number and order."""
+    from components.kmeans import SemiSupervisedKMeans
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [0, 8], [8, 0], [8, 8]], dtype=np.float32)  # old 0, 1; new 2, 3
+    truth = np.repeat(np.arange(4), 400)
+    stream = (centres[truth] + 1.5 * rng.standard_normal((len(truth), 2))).astype(np.float32)
+    labeled_y = np.repeat([0, 1], 50)
+    labeled = (centres[labeled_y] + 1.5 * rng.standard_normal((100, 2))).astype(np.float32)
+    pool = np.flatnonzero(stream[:, 0] > 9.0)  # the new classes' far side (and nothing old)
+    labeler = SemiSupervisedKMeans(k_new=2, normalize=False, seed=0)
+    found = labeler(stream[pool], labeled, labeled_y, 2)
+    refined = labeler.refine(found, stream, labeled, labeled_y, 2)
+
+    assert len(refined.centroids) == len(found.centroids) == 4 and len(refined.labels) == len(stream)
+    new_means = np.stack([stream[truth == c].mean(0) for c in (2, 3)])
+    order = [int(np.argmin(((found.centroids[2:] - m) ** 2).sum(1))) for m in new_means]
+    assert sorted(order) == [0, 1]
+    # the pool's centroids are off by more than a standard deviation, the refined ones are not
+    assert np.linalg.norm(found.centroids[2:][order] - new_means, axis=1).min() > 1.5
+    assert np.linalg.norm(refined.centroids[2:][order] - new_means, axis=1).max() < 0.3
+    # each refined new cluster is the class its pool cluster was
+    for j, c in zip(order, (2, 3), strict=True):
+        assert (truth[refined.labels == 2 + j] == c).mean() > 0.9
+    with pytest.raises(ValueError, match="no new cluster"):
+        nothing_new = dataclasses.replace(found, centroids=found.centroids[:2])
+        labeler.refine(nothing_new, stream, labeled, labeled_y, 2)

@@ -298,3 +298,16 @@ def test_report_links_plots_that_exist(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert f"| test accuracy, new classes (%) | {100 * metrics['test']['new']:.1f} |" in report
     assert f"AUROC {metrics['novelty']['auroc']:.3f}" in report
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_refine_teaches_seen_samples_outside_the_pool(tmp_path, refine):
+    """With ``lifecycle.refine`` the pool's clusters are refined on the whole seen stream, and
+    its samples in new clusters are taught too; without, only pooled samples are."""
+    code, run_dir = _run(tmp_path, *SHORT, "lifecycle.representation = None", "distill.epochs = 2",
+                         "lifecycle.consolidate = False", f"lifecycle.refine = {refine}")
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    taught = metrics["pseudo_labels"]
+    assert 0 < taught["pooled"] <= metrics["pool"]["size"]
+    assert (taught["not_pooled"] > 0) == refine
