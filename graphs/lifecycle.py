@@ -18,7 +18,7 @@ from torch import nn
 
 from components.acceptance import PromotionGate
 from components.cache import FeatureCache
-from components.data import ImageSet, ProtocolData
+from components.data import ImageSet, ProtocolData, concat_images, take_images
 from components.kmeans import confident
 from components.metrics import cluster_truth, clustering_accuracy, novelty_metrics, pool_quality
 from components.pool import SamplePool
@@ -286,7 +286,7 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     student.grow(k_new, torch.from_numpy(rows).to(device))
     keep = confident(result, keep_fraction)
     taught = ImageSet(
-        torch.cat([protocol.labeled.images, pool_images.images[torch.from_numpy(keep)]]),
+        concat_images([protocol.labeled.images, take_images(pool_images.images, keep)]),
         torch.cat([protocol.labeled.targets, torch.as_tensor(result.labels[keep])]),
         protocol.class_names, f"{protocol.name}/labeled+pseudo",
     )

@@ -15,7 +15,7 @@ from ignite.handlers import CosineAnnealingScheduler
 from ignite.metrics import Average
 from torch import nn
 
-from components.data import ImageSet, image_loader
+from components.data import ImageSet, concat_images, image_loader
 from components.data.checks import check_model_input
 from components.models.network import global_batchnorm
 from graphs.handlers import check_finite_loss, progress, resume_stage, tensorboard_logging
@@ -350,7 +350,7 @@ def adapt(
     model.to(device)
     opt = optimizer(model.parameters())
     both = ImageSet(
-        torch.cat([labeled.images, unlabeled.images]),
+        concat_images([labeled.images, unlabeled.images]),
         torch.cat([labeled.targets, torch.full((len(unlabeled),), -1)]),
         labeled.classes, f"{labeled.name}+{unlabeled.name}",
     )
