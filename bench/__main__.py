@@ -12,11 +12,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench import crt_cache, data_path, distributed, ignite_overhead, image_store, kmeans, scoring
+from bench import (
+    crt_cache,
+    data_path,
+    distributed,
+    ignite_overhead,
+    image_store,
+    kmeans,
+    scoring,
+    torch_compile,
+)
 
 BENCHMARKS = {"ignite_overhead": ignite_overhead, "data_path": data_path, "crt_cache": crt_cache,
               "scoring": scoring, "kmeans": kmeans, "image_store": image_store,
-              "distributed": distributed}
+              "distributed": distributed, "torch_compile": torch_compile}
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from components.cache import FeatureCache
-from components.data import ImageSet
+from components.data import ImageSet, concat_images, take_images
 from components.kmeans import confident
 from graphs.encode import encode
 from graphs.handlers import rank_zero
@@ -84,7 +84,7 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     keep = confident(result, keep_fraction, first=n_old) & new
     entry["ids"] = ids[keep]
     entry["targets"] = np.array([output[c] for c in result.labels[keep]], dtype=np.int64)
-    taught = ImageSet(torch.cat([labeled.images, stream.images[torch.from_numpy(entry["ids"])]]),
+    taught = ImageSet(concat_images([labeled.images, take_images(stream.images, entry["ids"])]),
                       torch.cat([labeled.targets, torch.from_numpy(entry["targets"])]),
                       list(names), f"{stream.name}/labeled+relabeled")
     engine = distill(learner, FirstOutputs(teacher, n_old), taught, augment, device)

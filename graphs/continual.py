@@ -51,7 +51,7 @@ from torch import nn
 
 from components.acceptance import ClusterAcceptance, PromotionGate
 from components.cache import FeatureCache
-from components.data import ImageSet, ProtocolData
+from components.data import ImageSet, ProtocolData, concat_images, take_images
 from components.kmeans import confident
 from components.memory import LABELED, STREAM, ExemplarMemory
 from components.metrics import cluster_truth, continual_summary, grouped_accuracy
@@ -402,7 +402,7 @@ class ContinualLoop:
         rows = np.stack([features[pseudo_targets == n_known + i].mean(0) for i in range(len(outputs))])
         student = learner.grow(len(outputs), torch.from_numpy(rows).to(self.device))
         names = [c["name"] for c in st.classes] + [f"new-{r}-{i}" for i in range(len(outputs))]
-        taught = ImageSet(torch.cat([memory.images, pool_images.images[torch.from_numpy(keep)]]),
+        taught = ImageSet(concat_images([memory.images, take_images(pool_images.images, keep)]),
                           torch.cat([memory.targets, torch.from_numpy(pseudo_targets)]), names,
                           f"{p.name}/memory+pseudo")
         distill(student, self.model, taught, self.augment, self.device)
@@ -441,9 +441,7 @@ class ContinualLoop:
         n_old, n_all = p.n_old, len(st.classes)
         _, targets = st.memory.items()
         labeled = np.flatnonzero(targets < n_old)
-        memory = self._memory_images()
-        memory = ImageSet(memory.images[torch.from_numpy(labeled)], memory.targets[torch.from_numpy(labeled)],
-                          memory.classes, f"{p.name}/labeled-memory")
+        memory = self._memory_images().subset(labeled, f"{p.name}/labeled-memory")
         names = [c["name"] for c in st.classes]
         student, entry, _ = relabel_discovered(self.model, self.model, memory, p.stream, n_old, names,
                                             self.augment, self.cache, self.device, self.labeler,
@@ -480,15 +478,17 @@ class ContinualLoop:
         return encode(model, images, self.augment, self.cache, self.device)
 
     def _memory_images(self) -> ImageSet:
-        """The memory's exemplars as images with their class ids."""
+        """The memory's exemplars as images with their class ids (rows of the store's file when
+        the protocol's images are on disk)."""
         keys, targets = self.state.memory.items()
-        images = torch.empty(len(keys), *self.protocol.labeled.images.shape[1:], dtype=torch.uint8)
-        for source, pool_of in ((LABELED, self.protocol.labeled), (STREAM, self.protocol.stream)):
-            rows = keys[:, 0] == source
-            if rows.any():
-                images[torch.from_numpy(rows)] = pool_of.images[torch.from_numpy(keys[rows, 1])]
+        sources = ((LABELED, self.protocol.labeled), (STREAM, self.protocol.stream))
+        where = [np.flatnonzero(keys[:, 0] == source) for source, _ in sources]
+        images = concat_images([take_images(pool_of.images, keys[rows, 1])
+                                for rows, (_, pool_of) in zip(where, sources, strict=True)])
+        in_key_order = np.argsort(np.concatenate(where))  # row i of the result is the memory's key i
         names = [c["name"] for c in self.state.classes]
-        return ImageSet(images, torch.from_numpy(targets), names, f"{self.protocol.name}/memory")
+        return ImageSet(take_images(images, in_key_order), torch.from_numpy(targets), names,
+                        f"{self.protocol.name}/memory")
 
     def _fit_threshold(self) -> None:
         """Temperature and pool threshold for the current model from the held-out known-class

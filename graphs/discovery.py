@@ -28,7 +28,7 @@ from ignite.utils import manual_seed
 from torch import nn
 
 from components.cache import FeatureCache
-from components.data import ImageSet, ProtocolData
+from components.data import ImageSet, ProtocolData, concat_images
 from components.metrics import clustering_accuracy, pool_quality
 from graphs.encode import encode
 from graphs.handlers import RunDir, describe, load_checkpoint, log, save_checkpoint
@@ -69,7 +69,7 @@ def discovery(
     net = model(num_classes=protocol.n_old)
     log.info(describe(net))
     if pretrain is not None:
-        everything = ImageSet(torch.cat([protocol.labeled.images, protocol.stream.images]),
+        everything = ImageSet(concat_images([protocol.labeled.images, protocol.stream.images]),
                               torch.cat([protocol.labeled.targets, protocol.stream.targets]),
                               protocol.class_names, f"{protocol.name}/labeled+stream")
         pretrain(net, everything, augment, device)  # labels are not used

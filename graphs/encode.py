@@ -135,7 +135,7 @@ def _encode_distributed(model, images, augment, cache, device, batch_size, views
     start, stop = min(rank * share, len(images)), min((rank + 1) * share, len(images))
     # a process with no share encodes one image for the arrays' shapes, and keeps none
     first, last = (start, stop) if stop > start else (0, 1)
-    mine = ImageSet(images.images[first:last], images.targets[first:last], images.classes, images.name)
+    mine = images.subset(slice(first, last))
     local = _encoded(model, mine, augment, device, batch_size, views, seed + rank)
     if stop == start:
         local = {name: [view[:0] for view in per_view] for name, per_view in local.items()}

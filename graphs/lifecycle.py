@@ -19,7 +19,7 @@ from torch import nn
 
 from components.acceptance import PromotionGate
 from components.cache import FeatureCache
-from components.data import ImageSet, ProtocolData
+from components.data import ImageSet, ProtocolData, concat_images, take_images
 from components.kmeans import confident
 from components.metrics import cluster_truth, clustering_accuracy, novelty_metrics, pool_quality
 from components.pool import SamplePool
@@ -306,7 +306,7 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     student.grow(k_new, torch.from_numpy(np.stack(means)).to(device))
     keep = confident(clusters, keep_fraction) & ((clusters.labels >= protocol.n_old) | np.isin(rows, ids))
     taught = ImageSet(
-        torch.cat([protocol.labeled.images, protocol.stream.images[torch.from_numpy(rows[keep])]]),
+        concat_images([protocol.labeled.images, take_images(protocol.stream.images, rows[keep])]),
         torch.cat([protocol.labeled.targets, torch.as_tensor(clusters.labels[keep])]),
         protocol.class_names, f"{protocol.name}/labeled+pseudo",
     )

@@ -15,7 +15,7 @@ from ignite.handlers import CosineAnnealingScheduler
 from ignite.metrics import Average
 from torch import nn
 
-from components.data import ImageSet, image_loader
+from components.data import ImageSet, concat_images, image_loader
 from components.data.checks import check_model_input
 from components.models.network import global_batchnorm
 from graphs.handlers import check_finite_loss, progress, resume_stage, tensorboard_logging
@@ -71,7 +71,8 @@ def _leaves_parameters_unused(model: nn.Module, outputs: tuple[str, ...]) -> boo
 
 @gin.configurable(denylist=["model", "outputs"])
 def data_parallel(model: nn.Module, outputs: tuple[str, ...] = ("logits",),
-                  sync_batchnorm: bool = False, bf16: bool = False, channels_last: bool = False) -> nn.Module:
+                  sync_batchnorm: bool = False, bf16: bool = False, channels_last: bool = False,
+                  compile: bool = False, compile_options: dict | None = None) -> nn.Module:
     """What the training graphs call for their forward pass: :class:`TrainingForward` of
     ``model`` keeping ``outputs``, and in a distributed run that module wrapped for DDP by
     ``idist.auto_model`` (gradients averaged over the processes; ``find_unused_parameters``
@@ -81,20 +82,25 @@ def data_parallel(model: nn.Module, outputs: tuple[str, ...] = ("logits",),
     ``bf16``: mixed precision (bfloat16 autocast, no loss scaling needed) for every training
     graph's forward pass; ``channels_last``: the model and its input batches in NHWC layout
     (faster convolutions on recent GPUs and CPUs). Both are off by default: the CPU path the
-    tables were measured on stays float32 NCHW."""
+    tables were measured on stays float32 NCHW.
+    ``compile``: the training forward (augmentation, model, outputs; after the DDP wrap) through
+    ``torch.compile(**compile_options)`` (default inductor: a C++ compiler on the CPU, Triton on
+    GPUs); each stage compiles on its first step, and random augmentation draws differ from
+    eager ones. Off by default: on 2 CPU cores it trained 1.06-1.14x faster after 23-27 s of
+    compiling (docs/benchmarks.md, torch.compile)."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     forward = TrainingForward(model, outputs, bf16, channels_last)
-    if idist.get_world_size() == 1:
-        return forward
-    if sync_batchnorm and idist.device().type != "cuda":  # torch's SyncBatchNorm is CUDA only
-        global_batchnorm(model)
-        sync_batchnorm = False
-    # a conv over one input channel: its gradient's strides differ from DDP's bucket only in a
-    # dimension of size 1, which DDP reports as a possible slowdown it is not
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return idist.auto_model(forward, sync_bn=sync_batchnorm,
-                            find_unused_parameters=_leaves_parameters_unused(model, outputs))
+    if idist.get_world_size() > 1:
+        if sync_batchnorm and idist.device().type != "cuda":  # torch's SyncBatchNorm is CUDA only
+            global_batchnorm(model)
+            sync_batchnorm = False
+        # a conv over one input channel: its gradient's strides differ from DDP's bucket only in a
+        # dimension of size 1, which DDP reports as a possible slowdown it is not
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        forward = idist.auto_model(forward, sync_bn=sync_batchnorm,
+                                   find_unused_parameters=_leaves_parameters_unused(model, outputs))
+    return torch.compile(forward, **(compile_options or {})) if compile else forward
 
 
 def _share_buffers(model: nn.Module) -> None:
@@ -350,7 +356,7 @@ def adapt(
     model.to(device)
     opt = optimizer(model.parameters())
     both = ImageSet(
-        torch.cat([labeled.images, unlabeled.images]),
+        concat_images([labeled.images, unlabeled.images]),
         torch.cat([labeled.targets, torch.full((len(unlabeled),), -1)]),
         labeled.classes, f"{labeled.name}+{unlabeled.name}",
     )

@@ -561,13 +561,13 @@ def extrapolate(size: int, net: dict, images: dict, cache: dict, kmeans: dict, s
          "cpu_s": scores["knn_s_per_bank_row"] * lab * stream, "gpu_s": None,
          "processes": "every rank, faiss-cpu (KNNDistance has no GPU path yet; nlist= for IVF)"},
         {"stage": "distill, per epoch", "images": n, "disk": "reads the store",
-         "memory": f"labeled + pseudo-labeled images are concatenated into RAM (torch.cat): up to "
-                   f"{_bytes((lab + a['pool']) * im['store_bytes_per_image'])}",
+         "memory": f"row numbers of the labeled + pseudo-labeled images (8 B each, "
+                   f"{_bytes((lab + a['pool']) * 8)}); batches read from the store",
          "cpu_s": net["distill"]["seconds_per_image"] * n, "gpu_s": gpu("distill", n),
          "processes": "all ranks: DDP, teacher forward in each"},
         {"stage": "adapt (representation), per epoch", "images": n, "disk": "reads the store",
-         "memory": f"labeled + seen stream concatenated into RAM (torch.cat): up to "
-                   f"{_bytes((lab + stream) * im['store_bytes_per_image'])}; two views per image",
+         "memory": f"row numbers of the labeled + seen stream (8 B each, {_bytes((lab + stream) * 8)}); "
+                   "batches read from the store; two views per image",
          "cpu_s": net["adapt"]["seconds_per_image"] * n, "gpu_s": gpu("adapt", n),
          "processes": "all ranks: DDP; contrastive negatives gathered across ranks"},
     ]

@@ -226,3 +226,35 @@ def test_bf16_autocast_and_channels_last_are_options_of_every_training_graph(cha
     with torch.no_grad():
         predicted = model(BatchAugment().eval()(images.images)).argmax(1)
     assert (predicted == images.targets).float().mean() > 0.6
+
+
+def test_torch_compile_is_an_option_of_every_training_graph():
+    """``data_parallel.compile = True``: every training graph's forward (augmentation, model,
+    outputs) goes through ``torch.compile(**data_parallel.compile_options)``. The backend here
+    records the graphs dynamo hands it and runs them as they are: inductor, the default, spends
+    about 20 s compiling even this model on these CPUs (``bench/torch_compile.py`` measures it).
+    The model's convolutions are in the compiled graphs, and the model still learns."""
+    import gin
+
+    compiled: list[torch.fx.GraphModule] = []
+
+    def recording(graph: torch.fx.GraphModule, example_inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    model, images = _net(), _images(48)
+    gin.parse_config("data_parallel.compile = True")
+    with gin.unlock_config():
+        gin.bind_parameter("data_parallel.compile_options", {"backend": recording})
+    try:
+        engine = train(model, images, BatchAugment(), CPU, epochs=15, batch_size=16, optimizer=_sgd)
+    finally:
+        gin.clear_config()
+        torch._dynamo.reset()
+    calls = {str(node.target) for graph in compiled for node in graph.graph.nodes}
+    assert compiled and any("conv2d" in call for call in calls), calls
+    assert np.isfinite(engine.state.output["loss"])
+    model.eval()
+    with torch.no_grad():
+        predicted = model(BatchAugment().eval()(images.images)).argmax(1)
+    assert (predicted == images.targets).float().mean() > 0.6

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from components.cache import data_fingerprint
+from components.data.distractors import Distractors
 from components.data.loading import image_loader
-from components.data.sources import ImageSet, image_folder
+from components.data.sources import ImageRows, ImageSet, concat_images, image_folder, take_images
 from components.data.splits import make_protocol
 from components.data.store import (
     StoreMismatch,
@@ -67,7 +69,7 @@ def tree(tmp_path: Path) -> Path:
 def assert_same(a, b) -> None:
     assert a.name == b.name and a.classes == b.classes
     assert torch.equal(a.targets, b.targets)
-    assert a.images.shape == b.images.shape and torch.equal(a.images, b.images)
+    assert a.images.shape == b.images.shape and torch.equal(a.images[:], b.images[:])  # [:] reads a store
 
 
 def test_the_store_holds_exactly_what_image_folder_decodes(tree, tmp_path):
@@ -75,7 +77,7 @@ def test_the_store_holds_exactly_what_image_folder_decodes(tree, tmp_path):
     got = image_store(str(tree), str(tmp_path / "store"), image_size=SIZE, num_workers=0, progress=False)
     for memory, stored in zip(expected, got, strict=True):
         assert_same(memory, stored)
-        assert len(stored) and stored.images.any()  # not an empty or blank store passing by accident
+        assert len(stored) and stored.images[:].any()  # not an empty or blank store passing by accident
     again = image_store(str(tree), str(tmp_path / "store"), image_size=SIZE, num_workers=0, progress=False)
     assert_same(got[0], again[0])
     # a store copied without its tree opens alone
@@ -118,7 +120,7 @@ def test_images_stay_in_the_file_and_a_full_epoch_does_not_load_them(tmp_path):
     before = _rss_anon()
     stored = open_store(tmp_path / "big", "train")
     # the tensor's memory is a mapping of the .npy file itself
-    ptr = stored.images.data_ptr()
+    ptr = stored.images.bases[0].data_ptr()
     owner = [name for lo, hi, name in _mapped_files() if lo <= ptr < hi]
     assert owner == [str(path.resolve())], owner
     seen = 0
@@ -291,3 +293,130 @@ def test_a_missing_tree_or_store_says_where_it_looked(tmp_path, capsys):
         image_store(None, str(tmp_path / "store"))
     assert main(["info", str(tmp_path)]) == 2
     assert "no image store here" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# subsets and joins of a store stay on disk (ImageRows)
+# --------------------------------------------------------------------------------------------
+
+def test_rows_of_a_store_read_what_the_tensor_holds_and_join_without_reading():
+    g = torch.Generator().manual_seed(0)
+    file, other = (torch.randint(0, 256, (n, 3, 4, 4), generator=g, dtype=torch.uint8) for n in (40, 6))
+    rows = ImageRows([file])
+    index = torch.tensor([7, 0, 7, 39, 12])
+    assert len(rows) == 40 and rows.shape == file.shape and rows.dtype == torch.uint8 and rows.ndim == 4
+    assert torch.equal(rows[index], file[index]) and torch.equal(rows[5], file[5])
+    assert torch.equal(rows[np.array([3, 1])], file[[3, 1]]) and torch.equal(rows[10:14], file[10:14])
+    view = take_images(rows, index)  # rows, not pixels
+    assert isinstance(view, ImageRows) and view.bases[0] is file
+    mask = np.array([True, False, True, False, True])
+    assert torch.equal(take_images(view, mask)[:], file[index][torch.from_numpy(mask)])
+    # joining views (and an in-memory tensor) reads the same rows as torch.cat of the copies
+    joined = concat_images([view, other, take_images(rows, slice(30, 35)), other])
+    copies = torch.cat([file[index], other, file[30:35], other])
+    assert isinstance(joined, ImageRows) and len(joined.bases) == 2  # `other` is one base, not two
+    order = torch.randperm(len(copies), generator=g)
+    assert torch.equal(joined[:], copies) and torch.equal(joined[order], copies[order])
+    assert torch.equal(take_images(joined, order)[:], copies[order])
+    # tensors alone are joined and taken as before: copies
+    assert isinstance(concat_images([other, other]), torch.Tensor)
+    assert isinstance(take_images(file, index), torch.Tensor)
+    # an encode's data fingerprint is the same for the rows and for the copies
+    targets = torch.arange(len(copies))
+    assert data_fingerprint(joined, targets, "s") == data_fingerprint(copies, targets, "s")
+    shuffled = take_images(joined, order)
+    assert data_fingerprint(shuffled, targets, "s") != data_fingerprint(copies, targets, "s")
+
+
+PHASED = {"phases": [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]], "distractor_fraction": 0.05,
+          "distractors": Distractors(kinds=("noise", "blank", "saturated"))}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_a_protocol_made_from_a_store_stays_on_disk_and_reads_what_memory_holds(tmp_path):
+    n, side = 5000, 64  # 61 MB of training images
+    nbytes = n * 3 * side * side
+    rng = np.random.default_rng(0)
+    classes = [str(c) for c in range(10)]
+    targets = {"train": rng.integers(0, 10, n), "test": rng.integers(0, 10, 200)}
+    for split, labels in targets.items():
+        pixels = rng.integers(0, 256, (len(labels), 3, side, side), dtype=np.uint8)
+        write_store(tmp_path / "big", split, pixels, labels, classes, f"big/{split}")
+    del pixels
+    kwargs = [{"new_classes": [7, 8, 9], "val_per_class": 20, "val_partial": True}, PHASED]
+    for settings in kwargs:  # the code paths run once: allocations of their own are not counted
+        make_protocol(source=lambda: (open_store(tmp_path / "big", "test"),) * 2, **settings)
+    before = _rss_anon()
+    train, test = (open_store(tmp_path / "big", split) for split in ("train", "test"))
+    lazy = [make_protocol(source=lambda: (train, test), **settings) for settings in kwargs]
+    grown = _rss_anon() - before
+    assert grown < nbytes / 4, f"making the protocols grew anonymous memory by {grown:,} bytes of {nbytes:,}"
+    file = train.images.bases[0]
+    for protocol in lazy:
+        for part in ("labeled", "val", "stream", "test"):
+            images = getattr(protocol, part).images if getattr(protocol, part) else None
+            assert images is None or isinstance(images, ImageRows), (part, type(images))
+        assert protocol.labeled.images.bases == (file,) and protocol.stream.images.bases[0] is file
+    assert len(lazy[1].stream.images.bases) > 1  # the phased stream's distractors joined in memory
+    # the same protocols made in memory hold the same pixels, labels and names
+    loaded = [ImageSet(s.images[:], s.targets, s.classes, s.name) for s in (train, test)]
+    for protocol, settings in zip(lazy, kwargs, strict=True):
+        memory = make_protocol(source=lambda: loaded, **settings)
+        assert memory.segment_ends == protocol.segment_ends
+        for part in ("labeled", "val", "stream", "test"):
+            if getattr(memory, part) is not None:
+                assert_same(getattr(memory, part), getattr(protocol, part))
+
+
+LOOPS = {  # short schedules that still discover, distill and promote
+    "gin/distill.gin": ["train.epochs = 15", "adapt.epochs = 2", "distill.epochs = 2",
+                        "SamplePool.trigger_size = 120", "SemiSupervisedKMeans.n_init = 1",
+                        "lifecycle.consolidate = True"],
+    "gin/continual.gin": ["adapt.epochs = 5", "distill.epochs = 20", "SemiSupervisedKMeans.n_init = 1",
+                          "ClusterAcceptance.resamples = 2"],
+}
+
+
+def _timeless(metrics):
+    if isinstance(metrics, dict):
+        return {k: _timeless(v) for k, v in metrics.items() if k != "seconds"}
+    return [_timeless(v) for v in metrics] if isinstance(metrics, list) else metrics
+
+
+@pytest.mark.parametrize("gin_file", sorted(LOOPS))
+def test_the_loop_from_a_store_ends_with_the_metrics_it_has_in_memory(gin_file, tmp_path, monkeypatch):
+    """The digits lifecycle (digits-7/3: train, online, adapt, discover, distill, consolidate)
+    and the continual loop (digits-phased, with distractors and an exemplar memory), each once
+    on the in-memory digits and once on the same images in a store: every set a stage loads
+    batches from is rows of the file, and every metric is the same, bit for bit."""
+    from components.data.loading import BatchedImages
+    from components.data.sources import digits
+    from components.run import main as run
+
+    monkeypatch.chdir(ROOT)
+    for split, s in zip(("train", "test"), digits(seed=0), strict=True):
+        write_store(tmp_path / "digits", split, s.images, s.targets.tolist(), s.classes, s.name)
+    kinds: set[str] = set()
+    real = BatchedImages.__init__
+
+    def recording(self, images):  # every image_loader of every stage builds one
+        kinds.add(type(images.images).__name__)
+        real(self, images)
+
+    monkeypatch.setattr(BatchedImages, "__init__", recording)
+    metrics = {}
+    for where, source in (("memory", []), ("store", [
+            "make_protocol.source = @image_store", "image_store.root = None",
+            f"image_store.store = '{tmp_path / 'digits'}'", "image_store.test_dir = 'test'",
+            "image_store.image_size = 8"])):
+        kinds.clear()
+        argv = ["--gin", gin_file, "--run-dir", str(tmp_path / where), "--gin-bindings",
+                f"FeatureCache.root = '{tmp_path / where / 'cache'}'"]
+        assert run(argv + [a for b in LOOPS[gin_file] + source for a in ("--gin-bindings", b)]) == 0
+        metrics[where] = _timeless(json.loads((tmp_path / where / "metrics.json").read_text()))
+        assert kinds == {"Tensor" if where == "memory" else "ImageRows"}, kinds
+    assert metrics["store"] == metrics["memory"]
+    if gin_file == "gin/distill.gin":
+        assert metrics["memory"]["pool"]["size"] > 0 and "consolidation" in metrics["memory"]
+    else:  # a promoted round: the memory holds stream images too when it is read again
+        assert any(r["promotion"]["decision"] == "promoted" for r in metrics["memory"]["rounds"])

@@ -44,7 +44,10 @@ class BatchedImages(Dataset):
 
     def __getitems__(self, indices: Sequence[int]):
         index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images.images[index], self.images.targets[index], index
+        images = self.images.images  # a tensor, or ImageRows of a store (which index_select too)
+        # index_select copies whole rows: several times faster than images[index] on uint8
+        batch = images.index_select(0, index) if isinstance(images, torch.Tensor) else images[index]
+        return batch, self.images.targets[index], index
 
 
 def _keep_batch(batch):

@@ -1,13 +1,16 @@
 """Image sources: the embedded digits, any torchvision classification dataset, ImageFolder trees.
 
 Every source returns a ``(train, test)`` pair of :class:`ImageSet`. Images are held as uint8
-tensors ``[N, C, H, W]`` so that augmentation can run on whole batches on the model's device.
+tensors ``[N, C, H, W]`` so that augmentation can run on whole batches on the model's device,
+or, for sets larger than memory (:mod:`components.data.store`), as :class:`ImageRows`: rows of
+a memory-mapped file that are read only when a batch is indexed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import gin
@@ -17,11 +20,109 @@ import torch
 log = logging.getLogger(__name__)
 
 
+Index = torch.Tensor | np.ndarray | Sequence[int] | slice
+
+
+def _row_index(index: Index) -> torch.Tensor | slice:
+    """Row numbers as a long tensor (a boolean mask becomes the rows it selects), or the slice."""
+    if isinstance(index, slice):
+        return index
+    index = torch.as_tensor(index)
+    return index.nonzero().squeeze(1) if index.dtype == torch.bool else index.long()
+
+
+class ImageRows:
+    """Rows of uint8 image tensors ``[N, C, H, W]``, read only when indexed: the images of a set
+    that stays on disk (an image store, :mod:`components.data.store`, maps its file into one).
+
+    Row ``i`` is row ``rows[i]`` of the ``bases`` stacked one after the other (all rows of the
+    bases when ``rows`` is None). ``len``, ``shape``, ``dtype`` and ``ndim`` are a tensor's;
+    indexing it (an int, a slice, row numbers or a boolean mask) reads those rows and returns
+    them as an ordinary uint8 tensor. :meth:`take` and :func:`concat_images` select and join
+    rows without reading any, so every subset, stream and training set made from a store is
+    one of these, never a copy.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, bases: Sequence[torch.Tensor], rows: torch.Tensor | None = None) -> None:
+        self.bases = tuple(bases)
+        if not self.bases or any(not isinstance(b, torch.Tensor) or b.dtype != torch.uint8 or b.ndim != 4
+                                 or b.shape[1:] != self.bases[0].shape[1:] for b in self.bases):
+            got = [f"{b.dtype} {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+                   for b in self.bases]
+            raise ValueError(f"ImageRows needs uint8 tensors [N, C, H, W] of one image shape, got {got}")
+        sizes = torch.tensor([0] + [len(b) for b in self.bases])
+        self.starts = sizes.cumsum(0)  # base b holds rows starts[b] .. starts[b + 1] - 1
+        self.rows = torch.arange(int(self.starts[-1])) if rows is None else torch.as_tensor(rows).long()
+        self.shape = torch.Size([len(self.rows), *self.bases[0].shape[1:]])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"ImageRows({len(self)} rows of {len(self.bases)} base(s), shape {tuple(self.shape)})"
+
+    def locate(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(base, row in that base)`` of positions ``rows`` of the stacked bases."""
+        base = torch.searchsorted(self.starts, rows, right=True) - 1
+        return base, rows - self.starts[base]
+
+    def take(self, index: Index) -> ImageRows:
+        """The rows at ``index``, still unread."""
+        return ImageRows(self.bases, self.rows[_row_index(index)])
+
+    def __getitem__(self, index: int | Index) -> torch.Tensor:
+        if isinstance(index, int | np.integer):
+            return self[self.rows.new_tensor([index])][0]
+        base, local = self.locate(self.rows[_row_index(index)])
+        # index_select copies whole rows (several times faster than tensor[index] on uint8)
+        if len(self.bases) == 1:
+            return self.bases[0].index_select(0, local)
+        grouped = torch.argsort(base, stable=True)  # the rows of each base together, then back in order
+        counts = torch.bincount(base, minlength=len(self.bases)).tolist()
+        per_base = local[grouped].split(counts)
+        parts = [b.index_select(0, rows) for b, rows in zip(self.bases, per_base, strict=True)]
+        return torch.cat(parts).index_select(0, torch.argsort(grouped))
+
+
+def take_images(images: torch.Tensor | ImageRows, index: Index) -> torch.Tensor | ImageRows:
+    """Rows ``index`` of ``images``: a copy for a tensor (``images[index]``), still unread rows
+    for :class:`ImageRows`."""
+    index = _row_index(index)
+    return images.take(index) if isinstance(images, ImageRows) else images[index]
+
+
+def concat_images(parts: Sequence[torch.Tensor | ImageRows]) -> torch.Tensor | ImageRows:
+    """``torch.cat(parts)`` when every part is a tensor; when one is :class:`ImageRows`, the
+    rows of all of them, unread (a tensor part joins as a base of its own, not copied)."""
+    if not any(isinstance(p, ImageRows) for p in parts):
+        return torch.cat(list(parts))
+    bases: list[torch.Tensor] = []
+    picked: list[tuple[ImageRows, list[int]]] = []  # each part, and where its bases are in `bases`
+    for part in parts:
+        part = part if isinstance(part, ImageRows) else ImageRows([part])
+        where = []
+        for base in part.bases:
+            if not any(base is b for b in bases):
+                bases.append(base)
+            where.append(next(i for i, b in enumerate(bases) if b is base))
+        picked.append((part, where))
+    starts = torch.tensor([0] + [len(b) for b in bases]).cumsum(0)
+    rows = []
+    for part, where in picked:
+        base, local = part.locate(part.rows)
+        rows.append(starts[torch.tensor(where, dtype=torch.long)[base]] + local)
+    return ImageRows(bases, torch.cat(rows))
+
+
 @dataclasses.dataclass
 class ImageSet:
-    """Images as a uint8 tensor ``[N, C, H, W]``, integer labels ``[N]`` and class names."""
+    """Images as a uint8 tensor ``[N, C, H, W]`` (or :class:`ImageRows` of one, kept on disk),
+    integer labels ``[N]`` and class names."""
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageRows
     targets: torch.Tensor
     classes: list[str]
     name: str = "images"
@@ -41,9 +142,15 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ImageSet:
-        index = torch.as_tensor(index, dtype=torch.long)
-        return ImageSet(self.images[index], self.targets[index], self.classes, name or self.name)
+    def subset(self, index: Index, name: str | None = None) -> ImageSet:
+        """The images at ``index`` (row numbers, a boolean mask or a slice) with their labels.
+
+        Images held as a tensor are indexed as a tensor is (``tensor[index]``: rows copied into
+        a new one; in-memory sets, the default); images held as :class:`ImageRows` (a store on
+        disk) stay unread rows of the same file, so subsets of a store, and subsets of those,
+        never load it."""
+        index = _row_index(index)
+        return ImageSet(take_images(self.images, index), self.targets[index], self.classes, name or self.name)
 
 
 def _stratified_split(

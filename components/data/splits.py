@@ -20,7 +20,7 @@ import gin
 import numpy as np
 import torch
 
-from components.data.sources import ImageSet
+from components.data.sources import ImageSet, concat_images, take_images
 
 log = logging.getLogger(__name__)
 
@@ -320,14 +320,15 @@ def _segments(train: ImageSet, second: dict[int, np.ndarray], phase_lists: list[
     for segment in range(1, n_segments + 1):
         index = np.concatenate([np.array_split(second[c], n_segments - s + 1)[segment - s]
                                 for c, s in start.items() if s <= segment] or [np.array([], int)])
-        seg_images, seg_targets = train.images[index], remap[train.targets[index]]
+        segment = train.subset(index)  # rows of the file when train is a store (see ImageSet.subset)
+        seg_images, seg_targets = segment.images, remap[segment.targets]
         n_noise = int(round(fraction * len(index) / (1 - fraction)))
         if n_noise:
             shape = tuple(train.images.shape[1:])
-            seg_images = torch.cat([seg_images, distractors(n_noise, shape, rng)])
+            seg_images = concat_images([seg_images, distractors(n_noise, shape, rng)])
             seg_targets = torch.cat([seg_targets, torch.full((n_noise,), -1, dtype=torch.long)])
         order = torch.from_numpy(rng.permutation(len(seg_targets)))
-        images.append(seg_images[order])
+        images.append(take_images(seg_images, order))
         targets.append(seg_targets[order])
         ends.append((ends[-1] if ends else 0) + len(order))
-    return ImageSet(torch.cat(images), torch.cat(targets), names, name), ends
+    return ImageSet(concat_images(images), torch.cat(targets), names, name), ends

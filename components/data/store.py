@@ -14,13 +14,19 @@ store, later runs open it. In-memory :func:`image_folder` stays the default for 
 **Format.** Per split, ``DIR/<split>.npy`` holds the images as one ``[N, 3, S, S]`` uint8 array
 (plain NumPy ``.npy``, written with ``numpy.lib.format.open_memmap``) and ``DIR/<split>.json``
 the rest: class names, labels, image size, count, skipped files and the fingerprint of the tree
-it was built from. Why ``.npy`` and not HDF5: :class:`ImageSet` holds its images as a torch
-tensor, and ``torch.from_numpy(np.load(path, mmap_mode="c"))`` is such a tensor, backed by the
-file. Every graph and :func:`~components.data.loading.image_loader` index it (``images[batch]``)
-and the kernel pages in only the rows a batch touches, so they work on it unchanged; HDF5
-would need a lazy dataset class in every place that indexes images, and its chunk cache and
-decompression would sit on the read path. (``mode="c"``, copy-on-write, gives a writable array,
-so torch does not warn; nothing writes to it, and a write would stay in the process.)
+it was built from. Why ``.npy`` and not HDF5: ``torch.from_numpy(np.load(path, mmap_mode="c"))``
+is a torch tensor backed by the file, and indexing it (``images[batch]``) makes the kernel page
+in only the rows a batch touches, with no chunk cache or decompression on the read path.
+(``mode="c"``, copy-on-write, gives a writable array, so torch does not warn; nothing writes to
+it, and a write would stay in the process.)
+
+**Reading.** :func:`open_store` wraps that tensor in :class:`~components.data.sources.ImageRows`,
+which is how an :class:`ImageSet` says its images stay on disk: ``ImageSet.subset`` and
+:func:`~components.data.sources.concat_images` then select and join rows without reading them,
+so ``make_protocol``'s labeled, validation, stream and test sets and every training set a graph
+joins (labeled + pseudo-labeled, labeled + stream) are row numbers into the file, and only a
+batch that :func:`~components.data.loading.image_loader` indexes is read (sorted, so the file
+is read in order). An encode's data fingerprint reads the rows in 64 MB slices.
 
 **What it promises** (as the feature cache in :mod:`components.cache` does):
 
@@ -65,6 +71,7 @@ from torch.utils.data import DataLoader, Dataset
 from components.cache import format_size
 from components.data.sources import (
     UNREADABLE_SHOWN,
+    ImageRows,
     ImageSet,
     _check_no_empty_class,
     _check_same_classes,
@@ -489,8 +496,9 @@ def write_store(out: str | Path, split: str, images: np.ndarray | torch.Tensor, 
 
 def open_store(out: str | Path, split: str, listing: Listing | None = None,
                skip_unreadable: bool = False, image_size: int | None = None) -> ImageSet:
-    """The finished ``split`` of the store in ``out`` as an :class:`ImageSet` whose images are a
-    tensor backed by the file (nothing is read until a batch is indexed).
+    """The finished ``split`` of the store in ``out`` as an :class:`ImageSet` whose images are
+    :class:`ImageRows` of a tensor backed by the file (nothing is read until a batch is indexed,
+    and its subsets stay on disk).
 
     With ``listing``, the store must have been built from that tree at that image size
     (:class:`StoreMismatch` otherwise). A store built with unreadable files left out is refused
@@ -533,7 +541,7 @@ def open_store(out: str | Path, split: str, listing: Listing | None = None,
     if len(array) > count:  # a header that could not be shrunk: reserved rows after the images
         array = array[:count]
     targets = torch.as_tensor(meta["targets"], dtype=torch.long)
-    return ImageSet(torch.from_numpy(array), targets, meta["classes"], meta["name"])
+    return ImageSet(ImageRows([torch.from_numpy(array)]), targets, meta["classes"], meta["name"])
 
 
 @gin.configurable
