@@ -58,8 +58,8 @@ def lifecycle(
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "projected",
     keep_fraction: float = 1.0,
-    refine: bool = False,
-    consolidate: bool = True,
+    refine: str | None = "new",
+    consolidate: bool = False,
     gate: PromotionGate | None = None,
     embedding: str = "pca",
     seed: int = 0,
@@ -79,9 +79,11 @@ def lifecycle(
     nothing to estimate k against) leaves the pool as it was, and the run reports the teacher.
 
     ``refine``: after clustering the pool, run the labeler's k-means again on every stream sample
-    seen so far, started from the pool's clusters (:meth:`SemiSupervisedKMeans.refine`); the
-    pseudo-labels are then the seen samples in new clusters plus the pooled ones in old clusters.
-    The pool says what is new, the seen stream where it lies.
+    seen so far, started from the pool's clusters (:meth:`SemiSupervisedKMeans.refine`): the
+    pool says what is new, the seen stream where it lies. The pseudo-labels are then, with
+    ``"new"``, the seen samples in new clusters and the pooled ones in old clusters; with
+    ``"all"``, the seen samples in every cluster (the labeled classes gain stream samples too).
+    ``None``: the pool's clusters and samples only. ``keep_fraction`` applies in every case.
 
     ``consolidate``: after distillation, label the discovered classes again from every stream
     sample seen that the student assigns to them (:func:`graphs.consolidate.consolidate`); the
@@ -90,9 +92,11 @@ def lifecycle(
     """
     if cluster_on not in ("features", "projected"):
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
+    if refine not in (None, "new", "all"):
+        raise ValueError(f"lifecycle.refine must be None, 'new' or 'all', got {refine!r}")
     if refine and not callable(getattr(labeler, "refine", None)):
-        raise ValueError(f"lifecycle.refine = True needs a labeler with a refine() method "
-                         f"(SemiSupervisedKMeans has one); {labeler!r} has none: set refine = False")
+        raise ValueError(f"lifecycle.refine = {refine!r} needs a labeler with a refine() method "
+                         f"(SemiSupervisedKMeans has one); {labeler!r} has none: set refine = None")
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     if embedding not in ("pca", "tsne"):
@@ -188,7 +192,7 @@ def lifecycle(
         "pool_clustering": pool_clusters,
         "k_new": k_new,
         "k_scores": extras.pop("k_scores", {}),  # each candidate's score when k_new was estimated
-        "pseudo_labels": extras.pop("pseudo_labels", {"pooled": 0, "not_pooled": 0}),  # stream samples taught
+        "pseudo_labels": extras.pop("pseudo_labels", _taught_counts([], [], [], protocol.n_old)),
         "consolidation": consolidation,
         "seconds": time.perf_counter() - started,
     }
@@ -259,8 +263,18 @@ def _pool_threshold(score, labeled, val, stream, n_old: int, rule: Callable, not
     return fallback(score_outputs(score, labeled).numpy())
 
 
+def _taught_counts(rows, labels, pooled, n_old: int) -> dict:
+    """How many stream samples were taught: from the pool, and from outside it by the kind of
+    cluster they were given (old = a labeled class, new = a discovered one)."""
+    outside = ~np.isin(rows, pooled)
+    labels = np.asarray(labels)
+    return {"pooled": int((~outside).sum()),
+            "not_pooled": {"old": int((outside & (labels < n_old)).sum()),
+                           "new": int((outside & (labels >= n_old)).sum())}}
+
+
 def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, augment, cache, device,
-                          labeler, representation, cluster_on, keep_fraction, refine=False):
+                          labeler, representation, cluster_on, keep_fraction, refine=None):
     """Learn a representation on the labeled images and everything the stream has shown so far
     (optional), cluster the pool with the labeler (semi-supervised k-means anchored by the
     labeled set), grow a student by the discovered classes and distill into it on the confident
@@ -290,7 +304,7 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
         raise PoolRefused(str(error)) from error
     k_new = len(result.centroids) - protocol.n_old
     # the stream rows that may be taught, their clusters and features: the pool's, or with
-    # ``refine`` the seen stream's (its samples in new clusters, the pooled ones in old clusters)
+    # ``refine`` the seen stream's
     rows, clusters, on = ids, result, cached_pool
     if refine and k_new > 0:  # the same clusters, moved to where the seen stream puts them
         rows, on = np.arange(position), cached_seen
@@ -304,7 +318,9 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     student = learner
     means = [on["features"][clusters.labels == protocol.n_old + j].mean(0) for j in range(k_new)]
     student.grow(k_new, torch.from_numpy(np.stack(means)).to(device))
-    keep = confident(clusters, keep_fraction) & ((clusters.labels >= protocol.n_old) | np.isin(rows, ids))
+    keep = confident(clusters, keep_fraction)
+    if refine == "new":
+        keep &= (clusters.labels >= protocol.n_old) | np.isin(rows, ids)
     taught = ImageSet(
         concat_images([protocol.labeled.images, take_images(protocol.stream.images, rows[keep])]),
         torch.cat([protocol.labeled.targets, torch.as_tensor(clusters.labels[keep])]),
@@ -317,6 +333,5 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     extras = {"histories": histories, "pool_features": cached_pool[cluster_on], "pool_truth": pool_truth,
               "pool_clusters": result.labels, "cluster_on": cluster_on,
               "k_scores": {str(k): v for k, v in (result.k_scores or {}).items()},
-              "pseudo_labels": {"pooled": int(np.isin(rows[keep], ids).sum()),
-                                "not_pooled": int((~np.isin(rows[keep], ids)).sum())}}
+              "pseudo_labels": _taught_counts(rows[keep], clusters.labels[keep], ids, protocol.n_old)}
     return student, k_new, pool_clusters, extras

@@ -301,7 +301,7 @@ def distill(
     loss: nn.Module = gin.REQUIRED,
     epochs: int = 80,
     batch_size: int = 64,
-    sampler: str = "instance",
+    sampler: str = "class_balanced",
     confidence_loss: nn.Module | None = None,
     confidence_weight: float = 1.0,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
@@ -309,7 +309,9 @@ def distill(
 ) -> Engine:
     """Teach ``student`` (grown classifier) from labels and pseudo-labels in ``images`` and
     from ``teacher``'s old-class outputs on the same augmented batch. A confidence head grown
-    with the classifier learns the new classes from the same labels (``confidence_loss``)."""
+    with the classifier learns the new classes from the same labels (``confidence_loss``).
+    ``sampler`` as in :func:`train`: class-balanced by default, so that the rarest labeled
+    classes are not drowned by thousands of pseudo-labels (chosen on the suite, docs/suite.md)."""
     student.to(device)
     teacher.to(device).eval()
     opt = optimizer(student.parameters())

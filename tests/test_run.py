@@ -92,8 +92,9 @@ def test_whole_loop_on_digits(tmp_path):
     operative = (run_dir / "operative_config.gin").read_text()
     assert "lifecycle" in operative and "SamplePool.trigger_size = 120" in operative
     checkpoints = {c.name.split("_")[0]: c for c in (run_dir / "checkpoints").glob("*.pt")}
-    consolidated = metrics["consolidation"]["decision"] == "promoted"  # a third model, if kept
-    assert sorted(checkpoints) == ["consolidated"] * consolidated + ["student", "teacher"]
+    assert metrics["consolidation"] is None  # off by default since refine ('new') replaced it
+    assert metrics["pseudo_labels"]["not_pooled"]["new"] > 0  # refine taught seen samples too
+    assert sorted(checkpoints) == ["student", "teacher"]
     for name, outputs in (("student", 10), ("consolidated", 10), ("teacher", 7)):  # 7 old + 3 found
         if name in checkpoints:
             assert torch.load(checkpoints[name], weights_only=True)["classifier.weight"].shape[0] == outputs
@@ -300,14 +301,17 @@ def test_report_links_plots_that_exist(tmp_path):
     assert f"AUROC {metrics['novelty']['auroc']:.3f}" in report
 
 
-@pytest.mark.parametrize("refine", [False, True])
+@pytest.mark.parametrize("refine", [None, "new", "all"])
 def test_refine_teaches_seen_samples_outside_the_pool(tmp_path, refine):
     """With ``lifecycle.refine`` the pool's clusters are refined on the whole seen stream, and
-    its samples in new clusters are taught too; without, only pooled samples are."""
+    its samples in new clusters (``"new"``) or in every cluster (``"all"``) are taught too;
+    without, only pooled samples are."""
     code, run_dir = _run(tmp_path, *SHORT, "lifecycle.representation = None", "distill.epochs = 2",
-                         "lifecycle.consolidate = False", f"lifecycle.refine = {refine}")
+                         "lifecycle.consolidate = False", f"lifecycle.refine = {refine!r}")
     assert code == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     taught = metrics["pseudo_labels"]
     assert 0 < taught["pooled"] <= metrics["pool"]["size"]
-    assert (taught["not_pooled"] > 0) == refine
+    outside = taught["not_pooled"]
+    assert (outside["new"] > 0) == (refine is not None)
+    assert (outside["old"] > 0) == (refine == "all")
