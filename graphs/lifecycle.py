@@ -83,7 +83,8 @@ def lifecycle(
     pool says what is new, the seen stream where it lies. The pseudo-labels are then, with
     ``"new"``, the seen samples in new clusters and the pooled ones in old clusters; with
     ``"all"``, the seen samples in every cluster (the labeled classes gain stream samples too).
-    ``None``: the pool's clusters and samples only. ``keep_fraction`` applies in every case.
+    ``None``: the pool's clusters and samples only. ``keep_fraction`` applies in every case, and
+    the pool's clustering accuracy in ``metrics.json`` is that of the clusters its samples end in.
 
     ``consolidate``: after distillation, label the discovered classes again from every stream
     sample seen that the student assigns to them (:func:`graphs.consolidate.consolidate`); the
