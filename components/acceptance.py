@@ -88,7 +88,7 @@ class ClusterAcceptance:
     labeled features in the labeler's geometry, and ``recluster(index) -> labels`` that clusters
     ``x_u[index]`` again (the same procedure, or the same number of clusters)."""
 
-    def __init__(self, min_size: int = 10, min_stability: float = 0.6, min_separation: float = 1.0,
+    def __init__(self, min_size: int = 10, min_stability: float = 0.5, min_separation: float = 1.0,
                  max_separation: float | None = None, min_tightness: float = 0.0, merge: bool = True,
                  resamples: int = 5, fraction: float = 0.8, seed: int = 0) -> None:
         if min_size < 1 or not 0 <= min_stability <= 1 or min_separation < 0 or resamples < 1:
