@@ -174,13 +174,55 @@ class PromotionGate:
     ``b`` images only the current model gets right and ``c`` only the student, it is refused
     when ``(b - c) / n > max_drop + z · sqrt(b + c) / n``. On a few dozen held-out images one
     image is more than a point, so a plain bound would refuse students for noise.
+
+    A student that grew by several outputs can fail because of one of them: a cluster of
+    old-class look-alikes becomes an output that takes that class's images. With
+    ``drop_outputs`` (:meth:`select`), a refused student loses its new outputs one at a time,
+    the one that took the most held-out images the current model got right first, until it
+    passes or no new output takes any; the round keeps the outputs that did no harm instead of
+    losing them all.
     """
 
-    def __init__(self, max_drop: float = 0.02, z: float = 1.64) -> None:
+    def __init__(self, max_drop: float = 0.02, z: float = 1.64, drop_outputs: bool = True) -> None:
         if not 0 <= max_drop <= 1 or z < 0:
             raise ValueError(f"need 0 <= max_drop <= 1 (a fraction of accuracy) and z >= 0, "
                              f"got {max_drop}, {z}")
-        self.max_drop, self.z = max_drop, z
+        self.max_drop, self.z, self.drop_outputs = max_drop, z, drop_outputs
+
+    def select(self, current_correct: np.ndarray, student_logits: np.ndarray, targets: np.ndarray,
+               n_known: int) -> tuple[list[int], bool, str]:
+        """The gate on a student that grew by the outputs ``n_known`` and up, given its logits
+        on the held-out images (``targets`` are their classes, all below ``n_known``).
+
+        Returns ``(kept, promoted, why)``: the new output ids the student keeps (all of them
+        when it passes as it is) and the verdict on the student without the others. Dropping
+        an output is masking its logit: each output of the classifiers here depends on its own
+        row only, so the other outputs' logits do not change (``Network.keep_outputs`` then
+        drops the rows from the model)."""
+        logits = np.array(student_logits, dtype=np.float64)
+        targets = np.asarray(targets)
+        current_correct = np.asarray(current_correct, bool)
+        if logits.ndim != 2 or len(logits) != len(targets) or not 0 < n_known <= logits.shape[1]:
+            raise ValueError(f"need [n, outputs] logits for n targets and 0 < n_known <= outputs, got "
+                             f"{logits.shape}, {len(targets)} targets, n_known={n_known}")
+        kept = list(range(n_known, logits.shape[1]))
+        dropped: list[str] = []
+        while True:
+            predicted = logits.argmax(1)
+            promoted, why = self(current_correct, predicted == targets)
+            if promoted or not self.drop_outputs or not kept:
+                break
+            lost = current_correct & (predicted != targets)  # images the student took away
+            took = {o: int((lost & (predicted == o)).sum()) for o in kept}
+            worst = max(kept, key=lambda o: (took[o], -o))
+            if took[worst] == 0:  # the loss is not any new output's doing
+                break
+            kept.remove(worst)
+            logits[:, worst] = -np.inf
+            dropped.append(f"output {worst} (took {took[worst]})")
+        if dropped:
+            why = f"dropped {', '.join(dropped)}; without them: {why}"
+        return kept, promoted, why
 
     def __call__(self, current_correct: np.ndarray, student_correct: np.ndarray) -> tuple[bool, str]:
         current_correct = np.asarray(current_correct, bool)

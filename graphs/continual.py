@@ -13,7 +13,9 @@ them. Every later round
    pseudo-labels, with the current model as the teacher (classes discovered in round r are old
    classes in round r + 1);
 4. **promotes** the student only if the ``gate`` passes on held-out known-class images (never
-   the test set); a promoted student becomes version ``v<n>`` under ``versions/``, its classes
+   the test set), after dropping the new outputs that took those images when it did not pass as
+   it was (:meth:`PromotionGate.select`; their samples stay in the pool); a promoted student
+   becomes version ``v<n>`` under ``versions/``, its classes
    join the memory, and the pool threshold and temperature are re-fitted for it;
 5. **measures** the current model on the test images of the classes seen so far (one Hungarian
    assignment), one row of the accuracy matrix.
@@ -411,8 +413,22 @@ class ContinualLoop:
                           torch.cat([memory.targets, torch.from_numpy(pseudo_targets)]), names,
                           f"{p.name}/memory+pseudo")
         distill(student, self.model, taught, self.augment, self.device)
-        before, after = self._val_correct(self.model), self._val_correct(student)
-        promoted, why = self.gate(before, after)
+        before, val = self._val_correct(self.model), self._encode(student, p.val)
+        kept, promoted, why = self.gate.select(before, val["logits"], val["targets"], n_known)
+        if promoted and not kept:  # every new output did harm: nothing is left to learn
+            promoted, why = False, f"{why}; no new output is left, so the current model stays"
+        if promoted and len(kept) < len(outputs):  # the student without the outputs that did harm
+            student.keep_outputs(list(range(n_known)) + kept)
+            renumber = {o: n_known + j for j, o in enumerate(kept)}
+            record["dropped_outputs"] = [o for o in record["outputs"] if o["id"] not in renumber]
+            record["outputs"] = [o | {"id": renumber[o["id"]]}
+                                 for o in record["outputs"] if o["id"] in renumber]
+            outputs = [outputs[o - n_known] for o in kept]
+            taken = np.isin(pseudo_targets, kept)
+            pseudo_ids = pseudo_ids[taken]  # the dropped outputs' samples stay in the pool
+            pseudo_targets = np.array([renumber[t] for t in pseudo_targets[taken]], dtype=np.int64)
+            names = names[:n_known] + [f"new-{r}-{i}" for i in range(len(kept))]
+        after = self._val_correct(student)
         record["promotion"] = {"decision": "promoted" if promoted else "kept", "why": why,
                                "val_before": float(before.mean()), "val_after": float(after.mean())}
         if not promoted:
@@ -474,7 +490,8 @@ class ContinualLoop:
                 st.classes[c]["pseudo_labels"] = int(members.sum())
         if record["promotion"]["decision"] != "promoted":  # else it refines the round's version
             st.version += 1
-            record["promotion"] = {"decision": "promoted", "why": f"consolidation: {why}"}
+            record["promotion"] = {"decision": "promoted", "why": f"consolidation: {why}",
+                                   "round": record.get("promotion")}  # what the round itself decided
         self._fit_threshold()
 
     # ------------------------------------------------------------------ helpers

@@ -241,6 +241,34 @@ def test_gate_refuses_a_significant_drop_and_lets_noise_through():
         gate(current, current[:5])
 
 
+def test_gate_drops_the_output_that_took_old_class_images_and_keeps_the_rest():
+    """A student grown by outputs 3 and 4, where output 4 is a look-alike of class 0 that takes
+    its held-out images: the whole student fails the gate; without output 4 it passes, and
+    output 3 (which took nothing) is kept."""
+    gate = PromotionGate(max_drop=0.02, z=1.64)
+    targets = np.repeat([0, 1, 2], 20)
+    logits = np.full((60, 5), -5.0)
+    logits[np.arange(60), targets] = 1.0
+    logits[:15, 4] = 3.0  # output 4 takes 15 of class 0's 20 images
+    logits[:, 3] = 0.0  # output 3 is everyone's second choice, nobody's first
+    current = np.ones(60, bool)
+    assert not gate(current, logits.argmax(1) == targets)[0]
+    kept, promoted, why = gate.select(current, logits, targets, n_known=3)
+    assert promoted and kept == [3]
+    assert why.startswith("dropped output 4 (took 15)") and "0 images lost" in why
+    # without dropping, the whole student is refused, as the plain gate says
+    kept, promoted, _ = PromotionGate(drop_outputs=False).select(current, logits, targets, n_known=3)
+    assert not promoted and kept == [3, 4]
+    # a loss no new output caused (class 1 read as class 2) is not blamed on one: refused as a whole
+    confused = logits.copy()
+    confused[:15, 4] = -5.0
+    confused[20:40, 2] = 2.0
+    kept, promoted, why = gate.select(current, confused, targets, n_known=3)
+    assert not promoted and kept == [3, 4] and not why.startswith("dropped")
+    with pytest.raises(ValueError, match="n_known"):
+        gate.select(current, logits, targets, n_known=6)
+
+
 # ------------------------------------------------------------------------------- metrics
 
 

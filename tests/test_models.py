@@ -12,6 +12,8 @@ from torch import nn
 
 import components  # noqa: F401  (registers every component with gin)
 from components.models import (
+    CausalNormClassifier,
+    CosineLinear,
     GrowingLinear,
     MLPProjector,
     Network,
@@ -125,6 +127,23 @@ def test_growing_linear_default_init_and_errors():
         layer.grow(0)
     with pytest.raises(ValueError, match="shape"):
         layer.grow(2, torch.ones(2, 5))
+
+
+@pytest.mark.parametrize("head", [GrowingLinear, CosineLinear, CausalNormClassifier])
+def test_keeping_outputs_leaves_the_kept_logits_as_they_were(head):
+    """What the promotion gate relies on when it drops an output: the kept outputs' logits do
+    not change, in their new order; the dropped ones are gone from the parameters."""
+    torch.manual_seed(0)
+    layer = head(4, 5).eval()
+    x = torch.randn(6, 4)
+    before = layer(x).detach()
+    assert layer.keep([0, 1, 4, 2]) is layer
+    assert layer.out_features == 4 and layer.weight.shape == (4, 4)
+    assert torch.allclose(layer(x), before[:, [0, 1, 4, 2]], rtol=0, atol=1e-6)
+    assert sum(p.numel() for p in layer.parameters()) == 4 * 4 + (4 if layer.bias is not None else 0)
+    for bad in ([], [0, 0], [5]):
+        with pytest.raises(ValueError, match="distinct output ids"):
+            layer.keep(bad)
 
 
 def test_mlp_projector_shape():

@@ -66,6 +66,19 @@ class GrowingLinear(nn.Module):
             self.bias = nn.Parameter(torch.cat([self.bias, new_b]))
         return self
 
+    @torch.no_grad()
+    def keep(self, index: list[int]) -> GrowingLinear:
+        """Keep only the output rows ``index`` (in that order), in place; the others are gone.
+        Parameters are replaced, as by :meth:`grow`."""
+        index = list(index)
+        if not index or len(set(index)) != len(index) or not all(0 <= i < self.out_features for i in index):
+            raise ValueError(f"keep needs distinct output ids in [0, {self.out_features}), got {index}")
+        rows = torch.tensor(index, device=self.weight.device)
+        self.weight = nn.Parameter(self.weight[rows].clone())
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias[rows].clone())
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")

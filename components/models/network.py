@@ -68,6 +68,14 @@ class Network(nn.Module):
             self.confidence.grow(k)
         return self
 
+    def keep_outputs(self, index: list[int]) -> Network:
+        """Keep only the classes ``index`` (in that order) in the classifier and the confidence
+        head: output ``index[j]`` becomes output ``j``."""
+        self.classifier.keep(index)
+        if self.confidence is not None:
+            self.confidence.keep(index)
+        return self
+
 
 _SIDE_GROUP: dict[int, object] = {}
 
