@@ -180,14 +180,17 @@ class PromotionGate:
     ``drop_outputs`` (:meth:`select`), a refused student loses its new outputs one at a time,
     the one that took the most held-out images the current model got right first, until it
     passes or no new output takes any; the round keeps the outputs that did no harm instead of
-    losing them all.
+    losing them all. With ``max_taken``, a new output that took more than that share of one
+    known class's held-out images is dropped even from a student that passes (a look-alike
+    the noise allowance would let through).
     """
 
-    def __init__(self, max_drop: float = 0.02, z: float = 1.64, drop_outputs: bool = True) -> None:
-        if not 0 <= max_drop <= 1 or z < 0:
-            raise ValueError(f"need 0 <= max_drop <= 1 (a fraction of accuracy) and z >= 0, "
-                             f"got {max_drop}, {z}")
-        self.max_drop, self.z, self.drop_outputs = max_drop, z, drop_outputs
+    def __init__(self, max_drop: float = 0.02, z: float = 1.64, drop_outputs: bool = True,
+                 max_taken: float | None = None) -> None:
+        if not 0 <= max_drop <= 1 or z < 0 or (max_taken is not None and not 0 <= max_taken < 1):
+            raise ValueError(f"need 0 <= max_drop <= 1 (a fraction of accuracy), z >= 0 and max_taken "
+                             f"in [0, 1) or None, got {max_drop}, {z}, {max_taken}")
+        self.max_drop, self.z, self.drop_outputs, self.max_taken = max_drop, z, drop_outputs, max_taken
 
     def select(self, current_correct: np.ndarray, student_logits: np.ndarray, targets: np.ndarray,
                n_known: int) -> tuple[list[int], bool, str]:
@@ -207,16 +210,19 @@ class PromotionGate:
                              f"{logits.shape}, {len(targets)} targets, n_known={n_known}")
         kept = list(range(n_known, logits.shape[1]))
         dropped: list[str] = []
+        sizes = {c: int((targets == c).sum()) for c in np.unique(targets)}
         while True:
             predicted = logits.argmax(1)
             promoted, why = self(current_correct, predicted == targets)
-            if promoted or not self.drop_outputs or not kept:
-                break
             lost = current_correct & (predicted != targets)  # images the student took away
             took = {o: int((lost & (predicted == o)).sum()) for o in kept}
-            worst = max(kept, key=lambda o: (took[o], -o))
-            if took[worst] == 0:  # the loss is not any new output's doing
-                break
+            share = {o: max((lost & (predicted == o) & (targets == c)).sum() / n for c, n in sizes.items())
+                     for o in kept}
+            worst = max(kept, key=lambda o: (took[o], -o)) if kept else None
+            if self.max_taken is not None and kept and max(share.values()) > self.max_taken:
+                worst = max(kept, key=lambda o: (share[o], -o))  # a look-alike, pass or not
+            elif promoted or not self.drop_outputs or not kept or took[worst] == 0:
+                break  # passed, or the loss is not any new output's doing
             kept.remove(worst)
             logits[:, worst] = -np.inf
             dropped.append(f"output {worst} (took {took[worst]})")

@@ -269,6 +269,23 @@ def test_gate_drops_the_output_that_took_old_class_images_and_keeps_the_rest():
         gate.select(current, logits, targets, n_known=6)
 
 
+def test_gate_with_max_taken_drops_a_look_alike_even_when_the_student_passes():
+    """Output 4 takes 3 of class 0's 20 held-out images: within the gate's noise (the student
+    passes whole), but 15 % of one class is a look-alike's share, not a new class's."""
+    targets = np.repeat([0, 1, 2], 20)
+    logits = np.full((60, 5), -5.0)
+    logits[np.arange(60), targets] = 1.0
+    logits[:3, 4] = 3.0
+    logits[40:41, 3] = 3.0  # output 3 takes one image of class 2: 5 %, a new class's stray
+    current = np.ones(60, bool)
+    kept, promoted, why = PromotionGate().select(current, logits, targets, n_known=3)
+    assert promoted and kept == [3, 4] and not why.startswith("dropped")
+    kept, promoted, why = PromotionGate(max_taken=0.1).select(current, logits, targets, n_known=3)
+    assert promoted and kept == [3] and why.startswith("dropped output 4 (took 3)")
+    with pytest.raises(ValueError, match="max_taken"):
+        PromotionGate(max_taken=1.0)
+
+
 # ------------------------------------------------------------------------------- metrics
 
 
