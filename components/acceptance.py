@@ -20,13 +20,7 @@ be undone, so :class:`ClusterAcceptance` keeps a cluster only when it is
   cloud of noise or of another dataset's images, far from everything known, is not a class;
 * **varied**: its own radius at least ``min_tightness`` times the median known-class radius; a
   class has the variation of a class, a cluster of near copies (a flat frame, a frozen sensor)
-  does not;
-* **not claimed by a labeled class**, when ``max_claimed`` is set and the caller says which
-  labeled class the current model assigns each pooled sample to (``claimed``): at most that
-  share of its samples go to any one. The pool holds the samples the model is unsure of, so a
-  new class's samples scatter over several known classes; a cluster the model calls one class
-  almost throughout is that class's fringe (a rare class's stream samples, with few labeled
-  images to learn from, are pooled as a group).
+  does not.
 
 A cluster that passes but lies within ``min_separation`` radii of a bigger cluster that passed is
 **merged** into it (one class found as two clusters in one round is one class). Rejected
@@ -58,7 +52,6 @@ class Verdict:
     accepted: bool
     reasons: list[str]
     merged_into: int | None = None  # the bigger accepted cluster it joins, if any
-    claimed: float | None = None  # the largest share of it the current model calls one labeled class
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,40 +86,27 @@ def jaccard_stability(labels: np.ndarray, clusters: list[int], recluster: Callab
 class ClusterAcceptance:
     """The rule of the module docstring. Call it with the clustering, the unlabeled (pool) and
     labeled features in the labeler's geometry, and ``recluster(index) -> labels`` that clusters
-    ``x_u[index]`` again (the same procedure, or the same number of clusters); ``claimed``, when
-    given, is the labeled class the current model assigns each unlabeled sample to (-1: none of
-    them, e.g. a discovered class)."""
+    ``x_u[index]`` again (the same procedure, or the same number of clusters)."""
 
     def __init__(self, min_size: int = 10, min_stability: float = 0.5, min_separation: float = 1.0,
                  max_separation: float | None = None, min_tightness: float = 0.0, merge: bool = True,
-                 resamples: int = 5, fraction: float = 0.8, seed: int = 0,
-                 max_claimed: float | None = None) -> None:
+                 resamples: int = 5, fraction: float = 0.8, seed: int = 0) -> None:
         if min_size < 1 or not 0 <= min_stability <= 1 or min_separation < 0 or resamples < 1:
             raise ValueError(f"need min_size >= 1, 0 <= min_stability <= 1, min_separation >= 0 and "
                              f"resamples >= 1, got {min_size}, {min_stability}, {min_separation}, "
                              f"{resamples}")
         if not 0 < fraction < 1:
             raise ValueError(f"the subsample fraction must be in (0, 1), got {fraction}")
-        if max_claimed is not None and not 0 < max_claimed <= 1:
-            raise ValueError(f"max_claimed must be a share in (0, 1] or None, got {max_claimed}")
         self.min_size, self.min_stability = min_size, min_stability
         self.min_separation, self.max_separation = min_separation, max_separation
         self.min_tightness, self.merge = min_tightness, merge
         self.resamples, self.fraction, self.seed = resamples, fraction, seed
-        self.max_claimed = max_claimed
 
     def __call__(self, result: KMeansResult, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
-                 n_old: int, recluster: Callable[[np.ndarray], np.ndarray],
-                 claimed: np.ndarray | None = None) -> list[Verdict]:
+                 n_old: int, recluster: Callable[[np.ndarray], np.ndarray]) -> list[Verdict]:
         clusters = list(range(n_old, len(result.centroids)))
         if not clusters:
             return []
-        if claimed is not None and len(claimed) != len(result.labels):
-            raise ValueError(f"claimed must name a class for each of the {len(result.labels)} unlabeled "
-                             f"samples, got {len(claimed)}")
-        if self.max_claimed is not None and claimed is None:
-            raise ValueError("max_claimed needs claimed: the labeled class the current model assigns "
-                             "each unlabeled sample to")
         means = np.stack([x_l[y_l == c].mean(0) for c in range(n_old)])
         radius = np.array([np.linalg.norm(x_l[y_l == c] - means[c], axis=1).mean() for c in range(n_old)])
         counts = np.bincount(y_l, minlength=n_old)
@@ -161,16 +141,8 @@ class ClusterAcceptance:
             if tightness < self.min_tightness:
                 reasons.append(f"its samples are near copies of one another (radius {tightness:.2f} of a "
                                "known class's)")
-            share, by = None, None
-            if claimed is not None and size:
-                named = claimed[members]
-                votes = np.bincount(named[named >= 0], minlength=1)
-                share, by = float(votes.max() / size), int(votes.argmax())
-            if self.max_claimed is not None and share is not None and share > self.max_claimed:
-                reasons.append(f"the current model calls {100 * share:.0f} % of it class {by}: the fringe "
-                               "of a known class")
             verdicts.append(Verdict(c, size, float(stability[i]), separation, spread, tightness,
-                                    not reasons, reasons, claimed=share))
+                                    not reasons, reasons))
         if self.merge:
             self._merge(verdicts, result, x_u)
         return verdicts
@@ -208,17 +180,14 @@ class PromotionGate:
     ``drop_outputs`` (:meth:`select`), a refused student loses its new outputs one at a time,
     the one that took the most held-out images the current model got right first, until it
     passes or no new output takes any; the round keeps the outputs that did no harm instead of
-    losing them all. With ``max_taken``, a new output that took more than that share of one
-    known class's held-out images is dropped even from a student that passes (a look-alike
-    the noise allowance would let through).
+    losing them all.
     """
 
-    def __init__(self, max_drop: float = 0.02, z: float = 1.64, drop_outputs: bool = True,
-                 max_taken: float | None = None) -> None:
-        if not 0 <= max_drop <= 1 or z < 0 or (max_taken is not None and not 0 <= max_taken < 1):
-            raise ValueError(f"need 0 <= max_drop <= 1 (a fraction of accuracy), z >= 0 and max_taken "
-                             f"in [0, 1) or None, got {max_drop}, {z}, {max_taken}")
-        self.max_drop, self.z, self.drop_outputs, self.max_taken = max_drop, z, drop_outputs, max_taken
+    def __init__(self, max_drop: float = 0.02, z: float = 1.64, drop_outputs: bool = True) -> None:
+        if not 0 <= max_drop <= 1 or z < 0:
+            raise ValueError(f"need 0 <= max_drop <= 1 (a fraction of accuracy) and z >= 0, "
+                             f"got {max_drop}, {z}")
+        self.max_drop, self.z, self.drop_outputs = max_drop, z, drop_outputs
 
     def select(self, current_correct: np.ndarray, student_logits: np.ndarray, targets: np.ndarray,
                n_known: int) -> tuple[list[int], bool, str]:
@@ -238,19 +207,16 @@ class PromotionGate:
                              f"{logits.shape}, {len(targets)} targets, n_known={n_known}")
         kept = list(range(n_known, logits.shape[1]))
         dropped: list[str] = []
-        sizes = {c: int((targets == c).sum()) for c in np.unique(targets)}
         while True:
             predicted = logits.argmax(1)
             promoted, why = self(current_correct, predicted == targets)
+            if promoted or not self.drop_outputs or not kept:
+                break
             lost = current_correct & (predicted != targets)  # images the student took away
             took = {o: int((lost & (predicted == o)).sum()) for o in kept}
-            share = {o: max((lost & (predicted == o) & (targets == c)).sum() / n for c, n in sizes.items())
-                     for o in kept}
-            worst = max(kept, key=lambda o: (took[o], -o)) if kept else None
-            if self.max_taken is not None and kept and max(share.values()) > self.max_taken:
-                worst = max(kept, key=lambda o: (share[o], -o))  # a look-alike, pass or not
-            elif promoted or not self.drop_outputs or not kept or took[worst] == 0:
-                break  # passed, or the loss is not any new output's doing
+            worst = max(kept, key=lambda o: (took[o], -o))
+            if took[worst] == 0:  # the loss is not any new output's doing
+                break
             kept.remove(worst)
             logits[:, worst] = -np.inf
             dropped.append(f"output {worst} (took {took[worst]})")

@@ -384,10 +384,7 @@ class ContinualLoop:
         def recluster(index: np.ndarray) -> np.ndarray:  # the whole procedure on a subsample
             return self.labeler(raw_u[index], raw_l, y_memory, n_known).labels
 
-        # the labeled class the current model assigns each pooled sample to (-1: a discovered one)
-        claimed = self._encode(self.model, p.stream)["logits"][ids].argmax(1)
-        claimed[claimed >= p.n_old] = -1
-        verdicts = self.accept(result, x_u, x_l, y_memory, n_known, recluster, claimed=claimed)
+        verdicts = self.accept(result, x_u, x_l, y_memory, n_known, recluster)
         truth = p.stream.targets.numpy()[ids]
         for v in verdicts:  # what each cluster really held: for the report, never for a decision
             (record["accepted"] if v.accepted else record["rejected"]).append(
