@@ -132,6 +132,28 @@ def test_every_version_is_written_once_with_its_lineage(finished):
                for c in final_table if c["origin"] != "labeled")
 
 
+def test_a_strict_gate_drops_outputs_and_every_version_matches_its_class_table(tmp_path):
+    """With no drop allowed (max_drop 0, no noise allowance) most students fail whole; the
+    gate drops the outputs that took held-out old-class images and promotes the rest. Every
+    version's weights then have exactly the outputs its class table names, and the round's
+    record counts the outputs it kept apart from the ones it dropped."""
+    run = tmp_path / "run"
+    assert main(_argv(run, tmp_path / "cache", "PromotionGate.max_drop = 0.0", "PromotionGate.z = 0.0")) == 0
+    m = _strict_json(run / "metrics.json")
+    dropping = [r for r in m["rounds"]
+                if r.get("dropped_outputs") and r["promotion"]["decision"] == "promoted"]
+    assert dropping, "the strict gate was expected to drop an output in some round"
+    for r in dropping:
+        assert r["promotion"]["why"].startswith("dropped output")
+        # the kept outputs are renumbered to follow the known classes, the last of the table
+        assert [o["id"] for o in r["outputs"]] == list(range(r["classes"] - len(r["outputs"]), r["classes"]))
+    for folder in (run / "versions").iterdir():
+        table = _strict_json(folder / "classes.json")["classes"]
+        weights = torch.load(folder / "model.pt", weights_only=True)
+        assert weights["classifier.weight"].shape[0] == len(table) == 1 + max(c["id"] for c in table)
+    assert len(m["classes"]) == 5 + m["discovered"]
+
+
 def _files(folder: Path) -> dict[Path, tuple[int, bytes]]:
     return {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in folder.rglob("*") if f.is_file()}
 
