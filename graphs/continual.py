@@ -428,7 +428,8 @@ class ContinualLoop:
             pseudo_ids = pseudo_ids[taken]  # the dropped outputs' samples stay in the pool
             pseudo_targets = np.array([renumber[t] for t in pseudo_targets[taken]], dtype=np.int64)
             names = names[:n_known] + [f"new-{r}-{i}" for i in range(len(kept))]
-        after = self._val_correct(student)
+        # the student the verdict was on (without the dropped outputs), from the logits above
+        after = val["logits"][:, list(range(n_known)) + kept].argmax(1) == val["targets"]
         record["promotion"] = {"decision": "promoted" if promoted else "kept", "why": why,
                                "val_before": float(before.mean()), "val_after": float(after.mean())}
         if not promoted:
