@@ -18,8 +18,8 @@ Rows (docs/scale.md#device-check):
   on faiss-gpu against faiss-cpu, and faiss's own ``faiss.Kmeans`` beside them for reference;
   the GPU rows are skipped, with a note, where faiss sees no GPU;
 * **2 processes**: DDP training throughput and an all-reduce over NCCL when there are two GPUs
-  (and ``python -m components.run --nproc 2`` on the digits job where the command has that
-  option); skipped otherwise (``--gloo`` runs the same worker as two CPU processes over gloo).
+  (and ``python -m components.run --nproc 2`` on the digits job); skipped otherwise
+  (``--gloo`` runs the same worker as two CPU processes over gloo).
 
 ``--device cpu`` forces every check onto the CPU (the subprocess runs see no GPU), ``--tiny``
 shrinks every size so the whole script runs in seconds; ``--json FILE`` writes the rows as JSON.
@@ -179,15 +179,18 @@ def _sgd(params):
 
 def library_throughput(device: torch.device, sizes: Sizes, amp: bool) -> float:
     """Images/s of ``graphs.train.train`` (Ignite engine, batched loader, augmentation, the
-    library's per-step checks) on one epoch, after a warm-up run. bf16: the whole call runs
-    under ``torch.autocast`` (the graph has no precision option of its own yet)."""
+    library's per-step checks) on one epoch, after a warm-up run. bf16: the graph's own option
+    (``data_parallel.bf16``: the forward pass under bfloat16 autocast, as the bare loop does)."""
+    import gin
+
     from components.data import BatchAugment
     from graphs.train import train
 
     images, model = _images(sizes.images), _model()
     augment = BatchAugment(MEAN, STD, pad=4, flip=True).to(device)
     warm = images.subset(torch.arange(min(len(images), sizes.batch * (sizes.warmup + 1))))
-    with _autocast(device, amp):
+    gin.bind_parameter("data_parallel.bf16", amp)
+    try:
         train(model, warm, augment, device, epochs=1, batch_size=sizes.batch, sampler="instance",
               optimizer=_sgd, seed=0)
         sync(device)
@@ -195,6 +198,8 @@ def library_throughput(device: torch.device, sizes: Sizes, amp: bool) -> float:
         train(model, images, augment, device, epochs=1, batch_size=sizes.batch, sampler="instance",
               optimizer=_sgd, seed=1)
         sync(device)
+    finally:
+        gin.clear_config()
     seconds = time.perf_counter() - start
     return (len(images) // sizes.batch) * sizes.batch / seconds  # the graph drops the last partial batch
 
