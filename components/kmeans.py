@@ -37,8 +37,22 @@ class KMeansResult:
     k_estimate: int | None = None  # the number of new classes chosen from those scores
 
 
-def _gpu_default(use_gpu: bool | None) -> bool:
-    return faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
+def gpu_default(use_gpu: bool | None) -> bool:
+    """``use_gpu`` as given, or (None) whether faiss sees a GPU. Asking for the GPU where faiss
+    sees none is an error that says why, not faiss's missing-attribute one later."""
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu and gpus == 0:
+        build = "faiss-gpu" if hasattr(faiss, "StandardGpuResources") else "faiss-cpu (no GPU code)"
+        raise ValueError(f"use_gpu=True, but faiss sees no GPU (installed: {build}). Install the "
+                         "`gpu` extra (pip install -e '.[gpu]') on a machine with a CUDA GPU, or "
+                         "leave use_gpu unset: it is then True exactly where faiss sees one")
+    return gpus > 0 if use_gpu is None else use_gpu
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """A copy of the CPU ``index`` on GPU 0 (inverted lists, ``nprobe`` and all), sharing the
+    process's GPU resources."""
+    return faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
 
 
 @functools.cache
@@ -54,7 +68,7 @@ def _nearest(x: np.ndarray, centroids: np.ndarray, use_gpu: bool,
     batches of ``batch_size`` rows (memory stays O(batch · k), not O(N · k))."""
     index = faiss.IndexFlatL2(centroids.shape[1])
     if use_gpu:
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+        index = to_gpu(index)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     labels = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float32)
@@ -169,7 +183,7 @@ class KMeans:
             raise ValueError(f"n_init must be >= 1, got {n_init}")
         self.k, self.n_iter, self.tol, self.seed = k, n_iter, tol, seed
         self.n_init, self.init_sample, self.batch_size = n_init, init_sample, batch_size
-        self.use_gpu = _gpu_default(use_gpu)
+        self.use_gpu = gpu_default(use_gpu)
 
     def fit(self, x) -> KMeansResult:
         x = _check(x, "k-means")
@@ -265,7 +279,7 @@ class SemiSupervisedKMeans:
                              f"{k_max}, {overcluster}, {held_out}")
         self.k_new, self.n_iter, self.n_init, self.seed = k_new, n_iter, n_init, seed
         self.normalize = normalize
-        self.use_gpu = _gpu_default(use_gpu)
+        self.use_gpu = gpu_default(use_gpu)
         self.k_max, self.estimate, self.held_out = k_max, estimate, held_out
         self.silhouette_sample, self.overcluster = silhouette_sample, overcluster
         self.whiten, self.whiten_ridge = whiten, whiten_ridge

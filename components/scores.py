@@ -182,16 +182,26 @@ class KNNDistance(Score):
     distance for several times the speed on long streams (see ``bench/scoring.py``). A bank
     smaller than ``39 · L`` (faiss's minimum for training the cells) is searched exactly, with an
     info line: its cells would hold too few neighbours, and exact search of it is fast anyway.
+
+    ``use_gpu``: search on faiss-gpu (the bank is built and, for IVF, its cells trained on the
+    CPU, then the index is copied to GPU 0). Default: where faiss sees a GPU, as for k-means.
     """
 
     name = "knn"
 
-    def __init__(self, k: int = 50, nlist: int | None = None, nprobe: int = 4) -> None:
+    def __init__(self, k: int = 50, nlist: int | None = None, nprobe: int = 4,
+                 use_gpu: bool | None = None) -> None:
         if k < 1:
             raise ValueError(f"kNN needs k >= 1, got {k}")
         if nlist is not None and not 1 <= nprobe <= nlist:
             raise ValueError(f"kNN needs 1 <= nprobe <= nlist, got nprobe={nprobe}, nlist={nlist}")
+        from components.kmeans import gpu_default
+
         self.k, self.nlist, self.nprobe = k, nlist, nprobe
+        self.use_gpu = gpu_default(use_gpu)
+        if self.use_gpu and max(k, nprobe if nlist else 0) > 2048:  # faiss-gpu's limits
+            raise ValueError(f"kNN on faiss-gpu finds at most 2048 neighbours in at most 2048 cells, "
+                             f"got k={k}, nprobe={nprobe}: lower them or bind KNNDistance.use_gpu = False")
         self.name = f"knn-k{k}" + ("" if nlist is None else f"-ivf{nlist}")
         self.index = None
 
@@ -215,6 +225,10 @@ class KNNDistance(Score):
             self.index.train(features)
             self.index.nprobe = self.nprobe
         self.index.add(features)
+        if self.use_gpu:
+            from components.kmeans import to_gpu
+
+            self.index = to_gpu(self.index)
         return self
 
     def __call__(self, outputs: Outputs) -> torch.Tensor:
@@ -230,7 +244,8 @@ class KNNDistance(Score):
 
     def __repr__(self) -> str:
         approx = "" if self.nlist is None else f", nlist={self.nlist}, nprobe={self.nprobe}"
-        return f"KNNDistance(k={self.k}{approx})"
+        gpu = ", use_gpu=True" if self.use_gpu else ""
+        return f"KNNDistance(k={self.k}{approx}{gpu})"
 
 
 @gin.configurable

@@ -261,6 +261,46 @@ def test_ivf_knn_searching_every_cell_is_the_exact_knn(caplog):
     assert torch.allclose(small(stream), exact)
 
 
+def test_knn_goes_to_the_gpu_exactly_where_faiss_sees_one(monkeypatch):
+    """The default follows faiss's GPU count; the index searched is the one copied to the GPU
+    (a fake copy here, which delegates to the CPU index and counts its searches); asking for
+    the GPU where faiss sees none says how to get one instead of failing inside faiss."""
+    import faiss
+
+    import components.kmeans as kmeans
+
+    g = torch.Generator().manual_seed(0)
+    bank = {"features": torch.randn(400, 8, generator=g)}
+    stream = {"features": torch.randn(50, 8, generator=g)}
+    exact = KNNDistance(k=5).fit(bank)(stream)
+    if faiss.get_num_gpus() == 0:
+        assert not KNNDistance(k=5).use_gpu
+        with pytest.raises(ValueError, match=r"faiss sees no GPU.*\[gpu\]"):
+            KNNDistance(k=5, use_gpu=True)
+        with pytest.raises(ValueError, match="faiss sees no GPU"):
+            kmeans.KMeans(k=2, use_gpu=True)
+
+    class OnGpu:
+        def __init__(self, index):
+            self.index, self.searches = index, 0
+
+        def search(self, x, k):
+            self.searches += 1
+            return self.index.search(x, k)
+
+    copies = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(kmeans, "to_gpu", lambda index: copies.append(OnGpu(index)) or copies[-1])
+    for score in (KNNDistance(k=5), KNNDistance(k=5, nlist=8, nprobe=8)):
+        assert score.use_gpu and "use_gpu=True" in repr(score)
+        assert torch.allclose(score.fit(bank)(stream), exact, atol=1e-5)
+        assert score.index is copies[-1] and copies[-1].searches == 1
+    assert type(copies[1].index).__name__ == "IndexIVFFlat" and copies[1].index.nprobe == 8
+    assert not KNNDistance(k=5, use_gpu=False).use_gpu
+    with pytest.raises(ValueError, match="at most 2048"):
+        KNNDistance(k=4096)
+
+
 def test_evidential_uncertainty_reads_the_head_and_says_how_to_get_one():
     evidence = torch.tensor([[2.0, -1.0, 0.0]])
     outputs = {"logits": torch.zeros(1, 3), "evidence": evidence}
