@@ -35,6 +35,9 @@ class KMeansResult:
     iterations: int
     k_scores: dict[int, float] | None = None  # score of each candidate k_new, when estimated
     k_estimate: int | None = None  # the number of new classes chosen from those scores
+    # squared distance of each unlabeled sample to the nearest centroid not its own
+    # (SemiSupervisedKMeans; None where not computed)
+    runner_up: np.ndarray | None = None
 
 
 def gpu_default(use_gpu: bool | None) -> bool:
@@ -76,6 +79,24 @@ def _nearest(x: np.ndarray, centroids: np.ndarray, use_gpu: bool,
         d, i = index.search(np.ascontiguousarray(x[lo:lo + batch_size]), 1)
         labels[lo:lo + batch_size], dist[lo:lo + batch_size] = i[:, 0], d[:, 0]
     return labels, dist
+
+
+def _runner_up(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, use_gpu: bool,
+               batch_size: int = 1 << 16) -> np.ndarray:
+    """Squared distance of every row of ``x`` to the nearest centroid other than its own
+    cluster's (``labels``), searched by faiss in batches; +inf where there is no other."""
+    if len(centroids) < 2:
+        return np.full(len(x), np.inf, dtype=np.float32)
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    if use_gpu:
+        index = to_gpu(index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    out = np.empty(len(x), dtype=np.float32)
+    for lo in range(0, len(x), batch_size):
+        d, i = index.search(np.ascontiguousarray(x[lo:lo + batch_size]), 2)
+        own = labels[lo:lo + batch_size]
+        out[lo:lo + batch_size] = np.where(i[:, 0] == own, d[:, 1], d[:, 0])
+    return out
 
 
 def _means(x: np.ndarray, labels: np.ndarray, k: int,
@@ -490,7 +511,8 @@ class SemiSupervisedKMeans:
                 break
         dist_l = ((x_l - centroids[y_l]) ** 2).sum(1)
         inertia = float(dist.sum() + dist_l.sum())
-        return KMeansResult(labels, dist, centroids, inertia, iterations)
+        return KMeansResult(labels, dist, centroids, inertia, iterations,
+                            runner_up=_runner_up(x_u, centroids, labels, self.use_gpu))
 
 
 def whitened(x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
@@ -509,10 +531,16 @@ def whitened(x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
             ((x_l64 - mean) @ transform).astype(np.float32))
 
 
-def confident(result: KMeansResult, fraction: float, first: int = 0) -> np.ndarray:
+def confident(result: KMeansResult, fraction: float = 1.0, first: int = 0,
+              margin: float | None = None) -> np.ndarray:
     """Mask of the samples to keep as pseudo-labels: in each cluster ``>= first``, the
     ``fraction`` nearest their centroid (at least one per cluster); samples of clusters below
-    ``first`` (e.g. the old classes) are all kept. The rest can wait in the pool."""
+    ``first`` (e.g. the old classes) are all kept. The rest can wait in the pool.
+
+    ``margin``: moreover keep only the samples (of every cluster) whose squared distance to
+    their centroid is at most ``margin`` times that to the nearest other centroid
+    (``result.runner_up``): a sample about as near to another cluster lies on the boundary
+    between two classes, where k-means' assignment is a coin toss. 1.0 keeps all."""
     if not 0 < fraction <= 1:
         raise ValueError(f"the kept fraction must be in (0, 1], got {fraction}")
     keep = np.ones(len(result.labels), dtype=bool)
@@ -521,4 +549,11 @@ def confident(result: KMeansResult, fraction: float, first: int = 0) -> np.ndarr
         n = max(1, int(np.ceil(fraction * len(members))))
         order = members[np.argsort(result.distances[members], kind="stable")]
         keep[order[n:]] = False
+    if margin is not None:
+        if not 0 < margin <= 1:
+            raise ValueError(f"the margin must be in (0, 1] (a distance ratio), got {margin}")
+        if result.runner_up is None:
+            raise ValueError("a margin needs each sample's distance to the nearest other centroid "
+                             "(KMeansResult.runner_up), which this labeler's result does not have")
+        keep &= result.distances <= margin * result.runner_up
     return keep

@@ -147,6 +147,8 @@ RULES: dict[str, Rule] = {
     "max_drop": between(0, 1, "an accuracy drop is a share"),
     "z": at_least(0, "a one-sided z-score"),
     "keep_fraction": between(0, 1, "the share of each cluster kept as pseudo-labels", low_open=True),
+    "margin": between(0, 1, "a ratio of squared distances, own centroid to the nearest other",
+                      low_open=True),
     "pool_age": at_least(1, "rounds a sample may wait in the pool"),
     "max_rounds": at_least(1, "at least one round"),
 }

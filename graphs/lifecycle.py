@@ -58,6 +58,7 @@ def lifecycle(
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "projected",
     keep_fraction: float = 1.0,
+    margin: float | None = None,
     refine: str | None = "new",
     consolidate: bool = False,
     gate: PromotionGate | None = None,
@@ -75,7 +76,9 @@ def lifecycle(
 
     Only the ``keep_fraction`` of each cluster nearest its centroid becomes pseudo-labels for
     distillation (:func:`components.kmeans.confident`); the rest stay in the pool for the next
-    trigger. A labeler that refuses the pool (too few samples for its clusters, NaN features,
+    trigger. ``margin``: moreover only the samples at most ``margin`` times as far (squared
+    distance) from their centroid as from the nearest other one (``confident``'s margin). A
+    labeler that refuses the pool (too few samples for its clusters, NaN features,
     nothing to estimate k against) leaves the pool as it was, and the run reports the teacher.
 
     ``refine``: after clustering the pool, run the labeler's k-means again on every stream sample
@@ -100,6 +103,9 @@ def lifecycle(
                          f"(SemiSupervisedKMeans has one); {labeler!r} has none: set refine = None")
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    if margin is not None and not 0 < margin <= 1:
+        raise ValueError(f"lifecycle.margin must be in (0, 1] (a ratio of squared distances) or None, "
+                         f"got {margin}")
     if embedding not in ("pca", "tsne"):
         raise ValueError(f"embedding must be 'pca' or 'tsne', got {embedding!r}")
     started = time.perf_counter()
@@ -164,7 +170,7 @@ def lifecycle(
         try:
             student, k_new, pool_clusters, extras = _discover_and_distill(
                 run_dir, protocol, teacher, pool, position, cached, augment, cache, device, labeler,
-                representation, cluster_on, keep_fraction, refine)
+                representation, cluster_on, keep_fraction, refine, margin)
         except PoolRefused as error:  # the labeler refused the pool: keep it for the next trigger
             notes.append(f"discovery refused the pool ({error}); its {len(pool)} samples stay "
                          "pooled for the next trigger and the teacher is reported as it is")
@@ -275,14 +281,14 @@ def _taught_counts(rows, labels, pooled, n_old: int) -> dict:
 
 
 def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, augment, cache, device,
-                          labeler, representation, cluster_on, keep_fraction, refine=None):
+                          labeler, representation, cluster_on, keep_fraction, refine=None, margin=None):
     """Learn a representation on the labeled images and everything the stream has shown so far
     (optional), cluster the pool with the labeler (semi-supervised k-means anchored by the
     labeled set), grow a student by the discovered classes and distill into it on the confident
     pseudo-labels, which leave the pool. Returns the student, the number of discovered classes,
     the pool's clustering accuracy and what the report shows (training histories, the pool's
     clustered features, true classes and clusters). Raises :class:`PoolRefused`, with the pool
-    untouched, when the labeler refuses it. ``refine``: see :func:`lifecycle`."""
+    untouched, when the labeler refuses it. ``refine``, ``margin``: see :func:`lifecycle`."""
     ids = pool.ids
     pool_images = protocol.stream.subset(ids, f"{protocol.name}/pool")
     seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
@@ -310,8 +316,10 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     if refine and k_new > 0:  # the same clusters, moved to where the seen stream puts them
         rows, on = np.arange(position), cached_seen
         clusters = rank_zero(labeler.refine, result, cached_seen[cluster_on], *labeled_on)
+        runner_up = None if clusters.runner_up is None else clusters.runner_up[ids]
         result = dataclasses.replace(clusters, labels=clusters.labels[ids], distances=clusters.distances[ids],
-                                     k_scores=result.k_scores, k_estimate=result.k_estimate)
+                                     runner_up=runner_up, k_scores=result.k_scores,
+                                     k_estimate=result.k_estimate)
     pool_truth = cached["stream"]["targets"][ids]
     pool_clusters = clustering_accuracy(pool_truth, result.labels, pool_truth < protocol.n_old)
 
@@ -319,7 +327,7 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
     student = learner
     means = [on["features"][clusters.labels == protocol.n_old + j].mean(0) for j in range(k_new)]
     student.grow(k_new, torch.from_numpy(np.stack(means)).to(device))
-    keep = confident(clusters, keep_fraction)
+    keep = confident(clusters, keep_fraction, margin=margin)
     if refine == "new":
         keep &= (clusters.labels >= protocol.n_old) | np.isin(rows, ids)
     taught = ImageSet(

@@ -167,10 +167,11 @@ def test_a_scoped_binding_is_named_with_its_scope():
 
 
 def test_a_zero_batch_size_and_fractions_outside_their_range_are_refused():
-    message = problems("train.batch_size = 0", "lifecycle.keep_fraction = 0",
+    message = problems("train.batch_size = 0", "lifecycle.keep_fraction = 0", "lifecycle.margin = 1.5",
                        "make_protocol.distractor_fraction = 1", "train.contrastive_weight = -1")
     assert "train.batch_size = 0: batch_size must be >= 1" in message
     assert "lifecycle.keep_fraction = 0: keep_fraction must be in (0, 1]" in message
+    assert "lifecycle.margin = 1.5: margin must be in (0, 1]" in message
     assert "make_protocol.distractor_fraction = 1: distractor_fraction must be in [0, 1)" in message
     assert "train.contrastive_weight = -1: contrastive_weight must be >= 0" in message
 

@@ -147,6 +147,34 @@ def test_overclustering_and_confident_pseudo_labels():
         confident(result, 0.0)
 
 
+def test_a_margin_keeps_the_pseudo_labels_that_are_clearly_nearer_their_own_cluster():
+    """Two touching classes: ``runner_up`` is each sample's squared distance to the other
+    centroid, and a margin drops the boundary samples, where half the assignments are wrong,
+    keeping the clear ones, which are (nearly) all right."""
+    from components.kmeans import SemiSupervisedKMeans, confident
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [3, 0]], dtype=np.float32)  # old 0; new 1, 2 sigma apart
+    truth = np.repeat([0, 1], 500)
+    stream = (centres[truth] + rng.standard_normal((1000, 2))).astype(np.float32)
+    labeled = (centres[0] + rng.standard_normal((50, 2))).astype(np.float32)
+    result = SemiSupervisedKMeans(k_new=1, normalize=False, seed=0)(stream, labeled, np.zeros(50, int), 1)
+
+    squared = ((stream[:, None] - result.centroids[None]) ** 2).sum(-1)
+    assert np.allclose(result.distances, squared[np.arange(1000), result.labels], rtol=1e-4, atol=1e-4)
+    assert np.allclose(result.runner_up, squared[np.arange(1000), 1 - result.labels], rtol=1e-4, atol=1e-4)
+    right = result.labels == truth
+    clear = confident(result, margin=0.25)
+    assert confident(result, margin=1.0).all() and 0.3 < clear.mean() < 0.9
+    assert right[clear].mean() > 0.98 > right.mean()
+    assert right[~clear].mean() < 0.9
+    assert (confident(result, 0.5, margin=0.25) == confident(result, 0.5) & clear).all()
+    with pytest.raises(ValueError, match="margin must be in"):
+        confident(result, margin=1.5)
+    with pytest.raises(ValueError, match="runner_up"):
+        confident(dataclasses.replace(result, runner_up=None), margin=0.5)
+
+
 def test_whitening_finds_new_classes_along_directions_the_old_ones_do_not_use():
     """Old classes vary a lot along axis 0; two new classes differ only along axis 1, by far
     less. Plain k-means splits the big axis; in the old classes' Mahalanobis geometry (whiten)
