@@ -1,7 +1,7 @@
 """The on-disk image store (``components/data/store.py``) against in-memory tensors.
 
 **Read throughput.** 50,000 random 64×64×3 uint8 images (614 MB) are held once as an in-memory
-tensor and once as a store written from it (``write_store``: the same ``.npy`` memory map a
+tensor and once as a store written from it (``write_store``: the same ``.npy`` file a
 build writes) in a temporary folder. Each side serves one shuffled epoch in batches of 256
 through ``image_loader``, the way every graph reads its images. The store is timed four ways,
 interleaved with the in-memory side in every repeat:
