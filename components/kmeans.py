@@ -358,9 +358,13 @@ class SemiSupervisedKMeans:
         the given new-centroid ``seeds`` ``[k_new, D]``."""
         old = np.stack([x_l[y_l == c].mean(0) for c in range(n_old)])
         if seeds is not None:
-            return self._run(x_u, x_l, y_l, old, k_new, self.seed, seeds=np.asarray(seeds, np.float32))
-        runs = [self._run(x_u, x_l, y_l, old, k_new, self.seed + i) for i in range(self.n_init)]
-        return min(runs, key=lambda r: r.inertia)
+            best = self._run(x_u, x_l, y_l, old, k_new, self.seed, seeds=np.asarray(seeds, np.float32))
+        else:
+            runs = [self._run(x_u, x_l, y_l, old, k_new, self.seed + i) for i in range(self.n_init)]
+            best = min(runs, key=lambda r: r.inertia)
+        # once, for the kept run only (confident's margin reads it)
+        best.runner_up = _runner_up(x_u, best.centroids, best.labels, self.use_gpu)
+        return best
 
     def refine(self, result: KMeansResult, unlabeled: np.ndarray, labeled: np.ndarray,
                labeled_targets: np.ndarray, n_old: int) -> KMeansResult:
@@ -511,8 +515,7 @@ class SemiSupervisedKMeans:
                 break
         dist_l = ((x_l - centroids[y_l]) ** 2).sum(1)
         inertia = float(dist.sum() + dist_l.sum())
-        return KMeansResult(labels, dist, centroids, inertia, iterations,
-                            runner_up=_runner_up(x_u, centroids, labels, self.use_gpu))
+        return KMeansResult(labels, dist, centroids, inertia, iterations)
 
 
 def whitened(x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
