@@ -251,6 +251,16 @@ class CheckedDiskSaver(DiskSaver):
             raise OSError(code, f"could not write the checkpoint (is the disk full? {error})",
                           os.path.join(self.dirname, filename)) from error
 
+    def remove(self, filename: str) -> None:
+        """Remove an old checkpoint; one that is already gone is what was wanted. Ignite's
+        ``Checkpoint`` removes the oldest file *before* it writes the new one, so a run killed in
+        between (or one whose newest file was damaged and set aside) resumes from a state whose
+        list still names that file: without this, every resume would die on removing it."""
+        try:
+            super().remove(filename)
+        except FileNotFoundError:
+            pass
+
 
 def load_checkpoint(path: str | Path) -> dict:
     """``torch.load(path, weights_only=True)``: tensors and plain containers only. A file that

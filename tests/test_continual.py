@@ -229,7 +229,7 @@ def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_pat
     assert ("using the one before it" in " ".join(resumed.stderr.split())) == damage
     expected = _comparable(_strict_json(reference / "metrics.json"))
     assert _comparable(_strict_json(killed / "metrics.json")) == expected
-    # the checkpoint handler keeps two (the older goes only after the newer is on disk)
+    # the checkpoint handler keeps two (Ignite removes the oldest, then writes the newest)
     assert len(list((killed / "loop").glob("state_*.pt"))) == 2
     assert not (killed / "stages").exists()  # a finished run leaves no epoch checkpoints
 

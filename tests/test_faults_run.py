@@ -163,6 +163,37 @@ def test_a_checkpoint_that_pickles_code_is_refused_not_run(tmp_path):
     assert load_checkpoint(tmp_path / "good.pt")["weight"].shape == (2,)
 
 
+def test_a_resume_after_a_kill_between_ignites_remove_and_write_saves_again(tmp_path):
+    """Ignite's ``Checkpoint`` removes the oldest file, then writes the newest: a run killed in
+    between (or whose newest state was damaged and set aside) resumes from a state whose handler
+    list names a file that is gone. The continual loop's saver must save the next round anyway."""
+    from ignite.engine import Engine
+    from ignite.handlers import Checkpoint, DiskSaver
+
+    from graphs.handlers import CheckedDiskSaver
+
+    def states(saver_type):
+        folder = tmp_path / saver_type.__name__
+        step = {"n": 0}
+        make = lambda: Checkpoint({"loop": torch.nn.Linear(2, 2)}, saver_type(folder, require_empty=False),  # noqa: E731
+                                  filename_prefix="state", n_saved=2, include_self=True,
+                                  global_step_transform=lambda *_: step["n"])
+        first, engine = make(), Engine(lambda e, b: None)
+        for step["n"] in (1, 2):
+            first(engine)
+        saved = load_checkpoint(folder / "state_loop_2.pt")
+        (folder / "state_loop_1.pt").unlink()  # killed after the remove that preceded writing 3
+        resumed = make()
+        resumed.load_state_dict(saved["checkpointer"])
+        step["n"] = 3
+        resumed(engine)
+        return sorted(f.name for f in folder.glob("state_*.pt"))
+
+    with pytest.raises(FileNotFoundError):  # Ignite's own saver: every resume would die here
+        states(DiskSaver)
+    assert states(CheckedDiskSaver) == ["state_loop_2.pt", "state_loop_3.pt"]
+
+
 def test_ctrl_c_ends_with_one_line_and_130_and_the_run_resumes(reference, tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     process = _start(_argv(run_dir, cache))
