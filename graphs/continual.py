@@ -632,12 +632,15 @@ class ContinualLoop:
 
 
 def _pool_truth(targets: np.ndarray, p: ProtocolData) -> dict:
-    """What the pool held when a round discovered (for the report only)."""
+    """What the pool held when a round discovered (for the report only): the shares of new,
+    old and distractor samples, and how many of each true class (``"-1"``: distractors)."""
     if len(targets) == 0:
-        return {"new": None, "old": None, "distractors": None}
+        return {"new": None, "old": None, "distractors": None, "classes": {}}
+    values, counts = np.unique(targets, return_counts=True)
     return {"new": float(np.mean(targets >= p.n_old)),
             "old": float(np.mean((targets >= 0) & (targets < p.n_old))),
-            "distractors": float(np.mean(targets < 0))}
+            "distractors": float(np.mean(targets < 0)),
+            "classes": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}}
 
 
 def _pct(value) -> str:

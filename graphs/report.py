@@ -233,6 +233,11 @@ def write_continual_report(run_dir, m: dict, state, protocol) -> Path:
               "## Decisions", ""]
     for r in m["rounds"][1:]:
         lines.append(f"- **round {r['round']}** ({r['trigger']}): {r['promotion']['why']}.")
+        held = (r.get("pool_truth") or {}).get("classes")
+        if held:  # the true classes, read for the report only
+            named = sorted(held.items(), key=lambda kv: -kv[1])
+            lines.append("  - the pool held (true classes, never read by a decision): " + ", ".join(
+                f"{'distractors' if int(c) < 0 else protocol.class_names[int(c)]} {n}" for c, n in named))
         for verdict in r["accepted"]:
             lines.append(f"  - accepted cluster of {verdict['size']}, stability {verdict['stability']:.2f}, "
                          f"separation {verdict['separation']:.2f}")

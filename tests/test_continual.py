@@ -112,6 +112,8 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
                                               "refused")
         for verdict in r["accepted"] + r["rejected"]:
             assert verdict["accepted"] == (not verdict["reasons"])
+        held = r["pool_truth"]["classes"]  # what the pool held, class by class (for the report)
+        assert sum(held.values()) == r["pooled"] and all(-1 <= int(c) < 10 for c in held)
 
 
 def test_every_version_is_written_once_with_its_lineage(finished):
@@ -191,6 +193,7 @@ def test_the_report_links_plots_that_exist(finished):
     assert set(linked) == {"accuracy_per_round.png", "classes.png", "pool.png"}
     assert all((finished / name).is_file() for name in linked)
     assert "## Lineage" in report and "| v0 | – | 0 |" in report
+    assert "the pool held (true classes, never read by a decision): " in report
 
 
 def _comparable(metrics: dict) -> dict:
