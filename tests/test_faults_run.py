@@ -173,19 +173,23 @@ def test_a_resume_after_a_kill_between_ignites_remove_and_write_saves_again(tmp_
     from graphs.handlers import CheckedDiskSaver
 
     def states(saver_type):
-        folder = tmp_path / saver_type.__name__
-        step = {"n": 0}
-        make = lambda: Checkpoint({"loop": torch.nn.Linear(2, 2)}, saver_type(folder, require_empty=False),  # noqa: E731
-                                  filename_prefix="state", n_saved=2, include_self=True,
-                                  global_step_transform=lambda *_: step["n"])
-        first, engine = make(), Engine(lambda e, b: None)
-        for step["n"] in (1, 2):
-            first(engine)
+        """Rounds 1 and 2 saved as the loop saves them; round 3 saved by a resumed handler after
+        a kill that came between Ignite's removal of state 1 and its write of state 3."""
+        folder, engine = tmp_path / saver_type.__name__, Engine(lambda e, b: None)
+
+        def handler(round_: int) -> Checkpoint:
+            return Checkpoint({"loop": torch.nn.Linear(2, 2)}, saver_type(folder, require_empty=False),
+                              filename_prefix="state", n_saved=2, include_self=True,
+                              global_step_transform=lambda *_: round_)
+
+        first = handler(1)
+        first(engine)
+        first.global_step_transform = lambda *_: 2
+        first(engine)
         saved = load_checkpoint(folder / "state_loop_2.pt")
-        (folder / "state_loop_1.pt").unlink()  # killed after the remove that preceded writing 3
-        resumed = make()
+        (folder / "state_loop_1.pt").unlink()  # removed, and then the run was killed
+        resumed = handler(3)
         resumed.load_state_dict(saved["checkpointer"])
-        step["n"] = 3
         resumed(engine)
         return sorted(f.name for f in folder.glob("state_*.pt"))
 
