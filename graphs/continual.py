@@ -59,7 +59,6 @@ from components.memory import LABELED, STREAM, ExemplarMemory
 from components.metrics import cluster_truth, continual_summary, grouped_accuracy
 from components.pool import SamplePool
 from components.scores import Score
-from components.thresholds import FalseAlarmRate
 from graphs.consolidate import consolidate as relabel_discovered
 from graphs.encode import encode
 from graphs.handlers import (
@@ -73,13 +72,9 @@ from graphs.handlers import (
     log,
     stage_scope,
 )
-from graphs.novelty import scaled, temperature_of
+from graphs.novelty import TEN_PERCENT_FALSE_ALARMS, scaled, temperature_of
 from graphs.online import online, score_outputs
 from graphs.train import adapt, distill, train
-
-# the continual loop's pool threshold, chosen on the continual suite (docs/suite.md): 5 % pooled
-# too few of a small stream's new samples (immutable, safe to share)
-TEN_PERCENT_FALSE_ALARMS = FalseAlarmRate(0.1)
 
 
 class LoopEvents(EventEnum):
