@@ -57,6 +57,8 @@ def _documented_combinations() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
         ((DISTILL,), ("include 'gin/data/fmnist.gin'",)),
         ((DISTILL,), ("include 'gin/models/resnet18_cifar.gin'", "TorchvisionBackbone.in_channels = 1")),
         ((DISTILL,), ("lifecycle.score = @max_softmax", "lifecycle.embedding = 'tsne'")),
+        ((DISTILL, "gin/discovery/parametric.gin"), ()),
+        (("gin/distill_fmnist.gin", "gin/discovery/parametric.gin"), ()),
         (("gin/longtail/fmnist_lt.gin",), ("RATIO = 10",)),
         (("gin/novelty/digits.gin", "gin/novelty/evidential.gin"), ()),
         (("gin/novelty/fmnist.gin", "gin/novelty/evidential.gin"), ()),
