@@ -154,3 +154,25 @@ def test_no_new_class_ends_empty_and_refine_is_kmeans_from_the_cluster_means():
     assert len(refined.centroids) == 5 and len(refined.labels) == rest.sum()
     with pytest.raises(ValueError, match="temperatures must be > 0"):
         SelfDistillationLabeler(init=None, teacher_temperature=0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_classifier_refine_on_a_mostly_old_stream_needs_the_mean_entropy_term_off(seed):
+    """``refine_with='classifier'`` trains again on the seen stream; there the old classes are
+    most samples, and a term that wants every class equally likely moves old samples into the
+    new outputs (why ``refine_memax_weight`` is its own setting, 0 by default)."""
+    _, x_l, y_l, x_u, y_u = _data(seed, angle=np.pi / 2, noise=1.2)
+    rng = np.random.default_rng(seed)
+    counts = {0: 300, 1: 300, 2: 20, 3: 20, 4: 20}
+    seen = np.concatenate([x_u[rng.choice(np.flatnonzero(y_u == c), n)] for c, n in counts.items()])
+    old = np.repeat(list(counts), list(counts.values())) < 2
+
+    def old_taken_as_new(weight):
+        labeler = SelfDistillationLabeler(init=SemiSupervisedKMeans(k_new=3, n_init=2), steps=200, seed=seed,
+                                          refine_with="classifier", refine_memax_weight=weight)
+        refined = labeler.refine(labeler(x_u, x_l, y_l, 2), seen, x_l, y_l, 2)
+        assert len(refined.centroids) == 5 and len(refined.labels) == len(seen)
+        return int((refined.labels[old] >= 2).sum())
+
+    assert old_taken_as_new(0.0) <= 10
+    assert old_taken_as_new(2.0) >= 40
