@@ -40,6 +40,10 @@ class FirstOutputs(nn.Module):
         super().__init__()
         self.model, self.n = model, n
 
+    @property
+    def num_classes(self) -> int:
+        return self.n
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)[:, :self.n]
 

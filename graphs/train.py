@@ -18,7 +18,7 @@ from torch import nn
 from components.data import ImageSet, concat_images, image_loader
 from components.data.checks import check_model_input
 from components.models.network import global_batchnorm
-from graphs.handlers import check_finite_loss, progress, resume_stage, tensorboard_logging
+from graphs.handlers import check_finite_loss, log, progress, resume_stage, tensorboard_logging
 
 
 class TrainingForward(nn.Module):
@@ -305,13 +305,17 @@ def distill(
     confidence_loss: nn.Module | None = None,
     confidence_weight: float = 1.0,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
+    align_weights: bool = False,
     seed: int = 0,
 ) -> Engine:
     """Teach ``student`` (grown classifier) from labels and pseudo-labels in ``images`` and
     from ``teacher``'s old-class outputs on the same augmented batch. A confidence head grown
     with the classifier learns the new classes from the same labels (``confidence_loss``).
     ``sampler`` as in :func:`train`: class-balanced by default, so that the rarest labeled
-    classes are not drowned by thousands of pseudo-labels (chosen on the suite, docs/suite.md)."""
+    classes are not drowned by thousands of pseudo-labels (chosen on the suite, docs/suite.md).
+    ``align_weights``: after training, scale the classifier rows the teacher does not have to
+    the old rows' mean norm (weight aligning, :meth:`GrowingLinear.align`); the factor is
+    ``engine.state.align_gamma``."""
     student.to(device)
     teacher.to(device).eval()
     opt = optimizer(student.parameters())
@@ -334,7 +338,12 @@ def distill(
     loader = _loader(images, batch_size, sampler=sampler, drop_last=True, seed=seed)
     engine = Engine(update)
     _follow_epochs(engine, head_loss)
-    return _fit(engine, student, loader, opt, epochs, f"distill {images.name}", None)
+    engine = _fit(engine, student, loader, opt, epochs, f"distill {images.name}", None)
+    # after _fit, also when the stage resumed finished: the checkpoint holds the trained rows
+    engine.state.align_gamma = student.classifier.align(teacher.num_classes) if align_weights else None
+    if align_weights:
+        log.info(f"weight aligning: new classifier rows scaled by {engine.state.align_gamma:.3f}")
+    return engine
 
 
 @gin.configurable(denylist=["model", "labeled", "unlabeled", "augment", "device"])

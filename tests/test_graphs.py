@@ -112,6 +112,25 @@ def test_distill_teaches_new_classes_and_keeps_old_rows_shape():
     assert (pred[images.targets < 3] == images.targets[images.targets < 3]).float().mean() > 0.8
 
 
+def test_distill_aligns_the_grown_rows_after_training():
+    images = _images(60, classes=4)
+    teacher = _net(3)
+    student = _net(3)
+    student.classifier.grow(1)
+    with torch.no_grad():
+        student.classifier.weight[3] *= 5.0  # a new row far larger than the old ones
+    engine = distill(student, teacher, images, BatchAugment(), CPU, loss=DistillLoss(), epochs=1,
+                     batch_size=15, sampler="instance", optimizer=_sgd, align_weights=True)
+    norms = student.classifier.weight.detach().norm(dim=1)
+    assert 0 < engine.state.align_gamma < 1
+    assert norms[3].item() == pytest.approx(norms[:3].mean().item(), rel=1e-5)
+    plain = _net(3)
+    plain.classifier.grow(1)
+    engine = distill(plain, teacher, images, BatchAugment(), CPU, loss=DistillLoss(), epochs=1,
+                     batch_size=15, sampler="instance", optimizer=_sgd)
+    assert engine.state.align_gamma is None
+
+
 def test_evaluate_matches_new_clusters_by_hungarian():
     targets = np.array([0, 0, 1, 1, 2, 2, 3, 3])
     predicted = np.array([0, 0, 1, 1, 3, 3, 2, 2])  # new classes 2, 3 found under swapped ids

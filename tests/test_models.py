@@ -129,6 +129,38 @@ def test_growing_linear_default_init_and_errors():
         layer.grow(2, torch.ones(2, 5))
 
 
+def test_weight_aligning_scales_new_rows_to_the_old_mean_norm():
+    """WA (Zhao et al. 2020): new rows that outgrew the old ones are scaled by
+    mean ||w_old|| / mean ||w_new||, directions kept; an old-class sample the new rows took by
+    their norm alone goes back to its class; old rows and the bias do not move."""
+    layer = GrowingLinear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        layer.bias.zero_()
+    layer.grow(1, torch.tensor([[1.0, 1.0]]))
+    with torch.no_grad():
+        layer.weight[2] *= 3.0  # what training on many pseudo-labels does to a new row
+    old_rows, bias = layer.weight[:2].detach().clone(), layer.bias.detach().clone()
+    x = torch.tensor([[1.0, 0.2]])  # class 0, nearer its row than the new row's direction
+    assert layer(x).argmax(1).item() == 2  # taken by the new row's norm
+    gamma = layer.align(2)
+    assert gamma == pytest.approx(1 / 3)
+    assert layer.weight[2].norm().item() == pytest.approx(old_rows.norm(dim=1).mean().item())
+    assert torch.allclose(nn.functional.normalize(layer.weight[2], dim=0),
+                          torch.tensor([1.0, 1.0]) / 2 ** 0.5)
+    assert torch.equal(layer.weight[:2], old_rows) and torch.equal(layer.bias, bias)
+    assert layer(x).argmax(1).item() == 0
+    # new rows no larger than the old ones: nothing to correct
+    with torch.no_grad():
+        layer.weight[2] *= 0.5
+    before = layer.weight.detach().clone()
+    assert layer.align(2) == 1.0 and torch.equal(layer.weight, before)
+    with pytest.raises(ValueError, match="n_old"):
+        layer.align(3)
+    with pytest.raises(ValueError, match="changes nothing"):
+        CosineLinear(2, 3).align(2)
+
+
 @pytest.mark.parametrize("head", [GrowingLinear, CosineLinear, CausalNormClassifier])
 def test_keeping_outputs_leaves_the_kept_logits_as_they_were(head):
     """What the promotion gate relies on when it drops an output: the kept outputs' logits do

@@ -30,6 +30,8 @@ class MLPProjector(nn.Module):
 class GrowingLinear(nn.Module):
     """A linear classifier that can grow by ``k`` classes, keeping the rows it already has."""
 
+    norm_free = False  # True where the logits ignore the rows' norms (align() refuses then)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
         self.in_features = in_features
@@ -67,6 +69,27 @@ class GrowingLinear(nn.Module):
         return self
 
     @torch.no_grad()
+    def align(self, n_old: int) -> float:
+        """Weight aligning (Zhao et al., *Maintaining Discrimination and Fairness in Class
+        Incremental Learning*, CVPR 2020), in place: scale the rows ``n_old`` and up by
+        ``γ = mean ||w_old|| / mean ||w_new||``, so that new classes, learned from more samples
+        and more recently, no longer win by the norm of their weights. As the paper, only the
+        weights are scaled (not the bias), and only when the new rows are the larger
+        (``γ < 1``); returns the ``γ`` applied (1.0 when nothing changed)."""
+        if self.norm_free:
+            raise ValueError(f"{type(self).__name__} divides each row by its norm, so weight aligning "
+                             "changes nothing: unset distill.align_weights, or use GrowingLinear")
+        if not 0 < n_old < self.out_features:
+            raise ValueError(f"align needs 0 < n_old < {self.out_features} (the old rows, then at least "
+                             f"one new one), got {n_old}")
+        norms = self.weight.norm(dim=1)
+        gamma = float(norms[:n_old].mean() / norms[n_old:].mean().clamp_min(1e-12))
+        if gamma >= 1.0:
+            return 1.0
+        self.weight[n_old:] *= gamma
+        return gamma
+
+    @torch.no_grad()
     def keep(self, index: list[int]) -> GrowingLinear:
         """Keep only the output rows ``index`` (in that order), in place; the others are gone.
         Parameters are replaced, as by :meth:`grow`."""
@@ -97,6 +120,8 @@ class CosineLinear(GrowingLinear):
     """Cosine classifier: ``cos(x, w_c)`` per class, no bias (the normalized linear layer LDAM
     uses, Cao et al. 2019; the loss supplies the scale)."""
 
+    norm_free = True
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
@@ -115,6 +140,8 @@ class CausalNormClassifier(GrowingLinear):
     effect: the counterfactual part along the head direction is removed,
     ``x̂ − α · cos(x̂, d̂) · d̂`` with ``x̂, d̂`` unit vectors, before the product with ``w``.
     """
+
+    norm_free = True
 
     def __init__(self, in_features: int, out_features: int, num_heads: int = 2, tau: float = 16.0,
                  gamma: float = 1 / 32, momentum: float = 0.9, alpha: float = 0.0) -> None:
