@@ -229,6 +229,7 @@ def train(
     confidence_weight: float = 1.0,
     contrastive: nn.Module | None = None,
     contrastive_weight: float = 0.5,
+    contrastive_labels: bool = True,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
     seed: int = 0,
     on_first_step: Callable[[], None] | None = None,
@@ -241,7 +242,9 @@ def train(
     ``confidence_weight · confidence_loss`` (e.g. :class:`EvidentialLoss`) on the same features.
     ``contrastive`` (e.g. :class:`SupConLoss`) adds ``contrastive_weight`` times a contrastive
     term on the projections of that view and a second augmented view of the batch, with the
-    labels (SupCon, Khosla et al. 2020).
+    labels (SupCon, Khosla et al. 2020), or without them (``contrastive_labels=False``: each
+    image's only positive is its other view, SimCLR's self-supervised term beside the
+    classifier's, which keeps features the labels do not ask for).
     """
     check_model_input(images, model)
     model.to(device)
@@ -266,7 +269,8 @@ def train(
         if head_loss is not None:
             value = value + confidence_weight * head_loss(out["evidence"], y)
         if contrastive is not None:
-            value = value + contrastive_weight * contrastive(out["projected"], outs[1]["projected"], y)
+            value = value + contrastive_weight * contrastive(out["projected"], outs[1]["projected"],
+                                                             y if contrastive_labels else None)
         accuracy = (out["logits"].argmax(1) == y).float().mean().item()
         return _step(opt, value) | {"accuracy": accuracy}
 

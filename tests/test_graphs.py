@@ -199,6 +199,26 @@ def test_train_with_a_supcon_term_moves_the_projector_too():
     assert any(not torch.equal(b, p) for b, p in zip(before, model.projector.parameters(), strict=True))
 
 
+def test_train_contrastive_term_without_labels_is_simclr():
+    """``contrastive_labels=False`` hands the contrastive term no labels, so each image's only
+    positive is its own other view (SimCLR) and not every image of its class (SupCon)."""
+    from components.losses import SupConLoss
+
+    class Recording(SupConLoss):
+        def forward(self, view1, view2, labels=None):
+            self.seen.append(labels)
+            return super().forward(view1, view2, labels)
+
+    images = _images(32)
+    for with_labels in (True, False):
+        term = Recording()
+        term.seen = []
+        train(_net(), images, BatchAugment(), CPU, epochs=1, batch_size=16, optimizer=_sgd,
+              sampler="instance", contrastive=term, contrastive_labels=with_labels)
+        assert len(term.seen) == 2
+        assert all((labels is not None) == with_labels for labels in term.seen)
+
+
 def test_training_curves_go_to_tensorboard_when_asked(tmp_path):
     import gin
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
