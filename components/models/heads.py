@@ -73,9 +73,11 @@ class GrowingLinear(nn.Module):
         """Weight aligning (Zhao et al., *Maintaining Discrimination and Fairness in Class
         Incremental Learning*, CVPR 2020), in place: scale the rows ``n_old`` and up by
         ``γ = mean ||w_old|| / mean ||w_new||``, so that new classes, learned from more samples
-        and more recently, no longer win by the norm of their weights. As the paper, only the
-        weights are scaled (not the bias), and only when the new rows are the larger
-        (``γ < 1``); returns the ``γ`` applied (1.0 when nothing changed)."""
+        and more recently, no longer win by the norm of their weights. Only the weights are
+        scaled (the bias stays), and only when the new rows are the larger (``γ < 1``, as
+        PyCIL's WA does); returns the ``γ`` applied (1.0 when nothing changed). The paper also
+        clips the classifier's weights to non-negative values during training; that is not
+        done here."""
         if self.norm_free:
             raise ValueError(f"{type(self).__name__} divides each row by its norm, so weight aligning "
                              "changes nothing: unset distill.align_weights, or use GrowingLinear")
