@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import gin
 import ignite.distributed as idist
+import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
@@ -363,11 +364,21 @@ def adapt(
     batch_size: int = 128,
     optimizer: Callable[..., torch.optim.Optimizer] = gin.REQUIRED,
     cosine: bool = False,
+    max_unlabeled: int | None = None,
     seed: int = 0,
 ) -> Engine:
     """Representation learning on labeled and unlabeled images together before clustering, as
     GCD does (Vaze et al., CVPR 2022): ``loss`` (e.g. :class:`GCDContrastive`) on the projections
-    of two augmented views, plus ``ce_weight`` · cross-entropy on the labeled images."""
+    of two augmented views, plus ``ce_weight`` · cross-entropy on the labeled images.
+
+    ``max_unlabeled``: train on at most this many of the unlabeled images, drawn at random by
+    ``seed`` (None: all of them). What bounds the step's time on a long stream."""
+    if max_unlabeled is not None and max_unlabeled < 1:
+        raise ValueError(f"adapt.max_unlabeled must be a positive number of images or None, "
+                         f"got {max_unlabeled}")
+    if max_unlabeled is not None and len(unlabeled) > max_unlabeled:
+        drawn = np.sort(np.random.default_rng(seed).choice(len(unlabeled), max_unlabeled, replace=False))
+        unlabeled = unlabeled.subset(drawn, f"{unlabeled.name}[{max_unlabeled}]")
     model.to(device)
     opt = optimizer(model.parameters())
     both = ImageSet(

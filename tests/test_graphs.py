@@ -93,6 +93,18 @@ def test_adapt_trains_on_labeled_and_unlabeled_images():
     assert any(not torch.equal(b, p) for b, p in zip(before, model.projector.parameters(), strict=True))
 
 
+def test_adapt_max_unlabeled_draws_a_seeded_subset_of_the_stream():
+    from components.losses import GCDContrastive
+
+    labeled, unlabeled = _images(16), _images(40, seed=1)
+    engine = adapt(_net(), labeled, unlabeled, BatchAugment(pad=1), CPU, loss=GCDContrastive(),
+                   epochs=1, batch_size=8, optimizer=_sgd, max_unlabeled=8)
+    assert engine.state.iteration == 3  # 16 labeled + 8 of the 40 unlabeled, in batches of 8
+    with pytest.raises(ValueError, match="max_unlabeled must be a positive"):
+        adapt(_net(), labeled, unlabeled, BatchAugment(pad=1), CPU, loss=GCDContrastive(),
+              epochs=1, batch_size=8, optimizer=_sgd, max_unlabeled=0)
+
+
 def test_distill_teaches_new_classes_and_keeps_old_rows_shape():
     images = _images(60, classes=4)
     old = ImageSet(images.images[images.targets < 3], images.targets[images.targets < 3],
