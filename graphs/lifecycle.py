@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 
@@ -61,7 +60,6 @@ def lifecycle(
     keep_fraction: float = 1.0,
     margin: float | None = None,
     refine: str | None = "new",
-    rescore: bool = False,
     consolidate: bool = False,
     gate: PromotionGate | None = None,
     embedding: str = "pca",
@@ -92,12 +90,6 @@ def lifecycle(
     ``None``: the pool's clusters and samples only. ``keep_fraction`` applies in every case, and
     the pool's clustering accuracy in ``metrics.json`` is that of the clusters its samples end in.
 
-    ``rescore``: after the representation step, pool again: score every stream sample seen so
-    far with the adapted model (``score`` fitted anew on its labeled outputs, the ``threshold``
-    rule applied to its held-out known-class outputs, temperature too) and cluster that pool
-    instead of the online one. The adapted model has trained on the seen stream, so it tells
-    the new classes apart better than the first model did (``metrics.json``: ``repool``).
-
     ``consolidate``: after distillation, label the discovered classes again from every stream
     sample seen that the student assigns to them (:func:`graphs.consolidate.consolidate`); the
     relabeled student replaces the first one if ``gate`` (a :class:`PromotionGate` on the
@@ -117,10 +109,6 @@ def lifecycle(
                          f"got {margin}")
     if embedding not in ("pca", "tsne"):
         raise ValueError(f"embedding must be 'pca' or 'tsne', got {embedding!r}")
-    if rescore and representation is None:
-        raise ValueError("lifecycle.rescore = True scores the seen stream again with the model the "
-                         "representation step adapted, and lifecycle.representation is None: bind "
-                         "one (e.g. @adapt) or set rescore = False")
     started = time.perf_counter()
     # in a distributed run each process draws its own augmentations (seed + rank); the training
     # graphs start every process from process 0's weights
@@ -152,7 +140,6 @@ def lifecycle(
         temperature, why = temperature_of(cached["val"])
         notes += [why] if why else []
     stream, val = scaled(cached["stream"], temperature), scaled(cached["val"], temperature)
-    threshold_rule = threshold
     if pool.threshold is None:
         pool.threshold = _pool_threshold(score, scaled(cached["labeled"], temperature), val, stream,
                                          protocol.n_old, threshold, notes)
@@ -182,13 +169,9 @@ def lifecycle(
         student, k_new, extras, pool_clusters = None, 0, {}, dict(NOTHING_CLUSTERED)
     else:
         try:
-            repool = None if not rescore else functools.partial(
-                _rescored_pool, score=copy.deepcopy(score), rule=threshold_rule,
-                temperature_scaling=temperature_scaling, protocol=protocol, augment=augment, cache=cache,
-                device=device)
             student, k_new, pool_clusters, extras = _discover_and_distill(
                 run_dir, protocol, teacher, pool, position, cached, augment, cache, device, labeler,
-                representation, cluster_on, keep_fraction, refine, margin, repool)
+                representation, cluster_on, keep_fraction, refine, margin)
         except PoolRefused as error:  # the labeler refused the pool: keep it for the next trigger
             notes.append(f"discovery refused the pool ({error}); its {len(pool)} samples stay "
                          "pooled for the next trigger and the teacher is reported as it is")
@@ -218,7 +201,6 @@ def lifecycle(
         "k_new": k_new,
         "k_scores": extras.pop("k_scores", {}),  # each candidate's score when k_new was estimated
         "pseudo_labels": extras.pop("pseudo_labels", _taught_counts([], [], [], protocol.n_old)),
-        "repool": extras.pop("repool", None),
         "consolidation": consolidation,
         "seconds": time.perf_counter() - started,
     }
@@ -299,60 +281,26 @@ def _taught_counts(rows, labels, pooled, n_old: int) -> dict:
                            "new": int((outside & (labels >= n_old)).sum())}}
 
 
-def _rescored_pool(learner, labeled, seen, *, score, rule, temperature_scaling, protocol, augment, cache,
-                   device) -> tuple[np.ndarray, dict]:
-    """The seen stream's samples that ``score``, fitted on the adapted ``learner``'s outputs of
-    the labeled images, puts above the ``rule``'s threshold on its held-out known-class images
-    (``lifecycle.rescore``). Returns their stream rows and the new pool's record (its quality
-    reads the stream's labels, for the report only)."""
-    val = encode(learner, protocol.val, augment, cache, device) if protocol.val else None
-    temperature = temperature_of(val)[0] if temperature_scaling else 1.0
-    notes: list[str] = []
-    seen_scaled = scaled(seen, temperature)
-    cut = _pool_threshold(score, scaled(labeled, temperature), scaled(val, temperature), seen_scaled,
-                          protocol.n_old, rule, notes)
-    scores = score_outputs(score, seen_scaled).numpy()
-    rows = np.flatnonzero(scores > cut)
-    is_new = np.asarray(seen["targets"]) >= protocol.n_old
-    record = pool_quality(scores > cut, is_new) | {
-        "threshold": float(cut), "temperature": float(temperature), "notes": notes,
-        "novelty": novelty_metrics(scores, is_new)}
-    log.info(f"pooled again with the adapted model: {len(rows)} of the {len(scores)} seen samples "
-             f"(threshold {cut:.4g})")
-    return rows, record
-
-
 def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, augment, cache, device,
-                          labeler, representation, cluster_on, keep_fraction, refine=None, margin=None,
-                          repool=None):
+                          labeler, representation, cluster_on, keep_fraction, refine=None, margin=None):
     """Learn a representation on the labeled images and everything the stream has shown so far
     (optional), cluster the pool with the labeler (semi-supervised k-means anchored by the
     labeled set), grow a student by the discovered classes and distill into it on the confident
     pseudo-labels, which leave the pool. Returns the student, the number of discovered classes,
     the pool's clustering accuracy and what the report shows (training histories, the pool's
     clustered features, true classes and clusters). Raises :class:`PoolRefused`, with the pool
-    untouched, when the labeler refuses it. ``refine``, ``margin``: see :func:`lifecycle`;
-    ``repool(learner, labeled outputs, seen outputs)``: the rows to cluster instead of the pool's
-    and their record (``lifecycle.rescore``)."""
+    untouched, when the labeler refuses it. ``refine``, ``margin``: see :func:`lifecycle`."""
     ids = pool.ids
     pool_images = protocol.stream.subset(ids, f"{protocol.name}/pool")
     seen = protocol.stream.subset(np.arange(position), f"{protocol.name}/seen")
     learner = copy.deepcopy(teacher)
-    histories, repooled = {}, None
+    histories = {}
     if representation is not None:
         adapted = representation(learner, protocol.labeled, seen, augment, device)
         histories["representation"] = getattr(getattr(adapted, "state", None), "history", [])
+        cached_pool = encode(learner, pool_images, augment, cache, device)
         cached_labeled = encode(learner, protocol.labeled, augment, cache, device)
-        cached_seen = encode(learner, seen, augment, cache, device) if refine or repool else None
-        if repool is not None:  # the seen rows the adapted model pools, encoded already
-            rows_again, repooled = repool(learner, cached_labeled, cached_seen)
-            if len(rows_again):
-                ids = rows_again
-            else:
-                repooled["notes"].append("the adapted model pooled none of the seen samples: the "
-                                         "online pool is clustered")
-        cached_pool = ({k: v[ids] for k, v in cached_seen.items()} if repooled is not None
-                       else encode(learner, pool_images, augment, cache, device))
+        cached_seen = encode(learner, seen, augment, cache, device) if refine else None
     else:
         cached_pool = {k: v[ids] for k, v in cached["stream"].items()}
         cached_labeled = cached["labeled"]
@@ -389,11 +337,10 @@ def _discover_and_distill(run_dir, protocol, teacher, pool, position, cached, au
         protocol.class_names, f"{protocol.name}/labeled+pseudo",
     )
     distiller = distill(student, teacher, taught, augment, device)
-    pool.remove(np.intersect1d(pool.ids, rows[keep]))
+    pool.remove(np.intersect1d(ids, rows[keep]))
     save_checkpoint(run_dir, student, distiller, "student")
     histories["distill"] = distiller.state.history
-    extras = {"histories": histories, "repool": repooled,
-              "pool_features": cached_pool[cluster_on], "pool_truth": pool_truth,
+    extras = {"histories": histories, "pool_features": cached_pool[cluster_on], "pool_truth": pool_truth,
               "pool_clusters": result.labels, "cluster_on": cluster_on,
               "k_scores": {str(k): v for k, v in (result.k_scores or {}).items()},
               "pseudo_labels": _taught_counts(rows[keep], clusters.labels[keep], ids, protocol.n_old)}

@@ -26,10 +26,6 @@ def _lifecycle_rows(m: dict) -> list[tuple[str, str]]:
         ("novelty AUROC on the stream (new = positive)", f"{m['novelty']['auroc']:.3f}"),
         ("pool size / precision / recall (%)",
          f"{m['pool']['size']} / {_pct(m['pool']['precision'])} / {_pct(m['pool']['recall'])}"),
-        *([] if not m.get("repool") else [
-            ("pooled again, adapted model: AUROC / size / precision / recall (%)",
-             f"{m['repool']['novelty']['auroc']:.3f} / {m['repool']['size']} / "
-             f"{_pct(m['repool']['precision'])} / {_pct(m['repool']['recall'])}")]),
         ("pool clustering accuracy all / new (%)",
          f"{_pct(m['pool_clustering']['all'])} / {_pct(m['pool_clustering']['new'])}"),
     ]

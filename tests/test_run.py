@@ -117,22 +117,6 @@ def test_consolidation_relabels_what_the_student_assigns_and_goes_through_the_ga
                      else ["student", "teacher"])
 
 
-def test_rescore_pools_the_seen_stream_again_with_the_adapted_model(tmp_path):
-    code, run_dir = _run(tmp_path, *SHORT, "adapt.epochs = 10", "lifecycle.rescore = True")
-    assert code == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    again = metrics["repool"]
-    # the adapted model scored every seen sample and chose its own threshold on the held-out
-    # images; the clusters' pseudo-labels from the pool come out of that pool, not the online one
-    assert 0 < again["size"] and again["threshold"] != metrics["pool"]["threshold"]
-    assert 0.5 < again["novelty"]["auroc"] <= 1.0 and 0 < again["recall"] <= 1
-    assert metrics["pseudo_labels"]["pooled"] <= again["size"]
-    assert "pooled again, adapted model" in (run_dir / "report.md").read_text()
-    # without a representation step there is no adapted model to score with: refused up front
-    code, run_dir = _run(tmp_path / "none", "lifecycle.rescore = True", "lifecycle.representation = None")
-    assert code == CONFIG_ERROR and not (run_dir / "metrics.json").exists()
-
-
 def test_swaps_are_bindings(tmp_path):
     """Backbone and confidence score change by binding, with no code edit."""
     code, run_dir = _run(
