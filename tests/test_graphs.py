@@ -93,7 +93,7 @@ def test_adapt_trains_on_labeled_and_unlabeled_images():
     assert any(not torch.equal(b, p) for b, p in zip(before, model.projector.parameters(), strict=True))
 
 
-def test_adapt_max_unlabeled_draws_a_seeded_subset_of_the_stream():
+def test_adapt_max_unlabeled_bounds_the_unlabeled_images_it_trains_on():
     from components.losses import GCDContrastive
 
     labeled, unlabeled = _images(16), _images(40, seed=1)
