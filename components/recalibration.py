@@ -7,7 +7,9 @@ HDF5 cache without touching images:
 * :class:`TauNormalized` — τ-normalization (Kang et al., ICLR 2020);
 * :class:`WeightScaled` — learnable weight scaling, LWS (Kang et al., ICLR 2020);
 * :class:`PriorAdjusted` — post-hoc logit adjustment (Menon et al., ICLR 2021);
-* :func:`counterfactual` — causal TDE at inference (Tang et al., NeurIPS 2020).
+* :func:`counterfactual` — causal TDE at inference (Tang et al., NeurIPS 2020);
+* :func:`discovered_offset` — after discovery, how far to lower the discovered classes' logits
+  so that they claim at most a given share of held-out known-class images.
 
 cRT (re-training the classifier on features with class-balanced sampling) and the choice of
 τ or α on a validation split need a training loop or a search; they live in
@@ -93,6 +95,36 @@ def counterfactual(classifier: nn.Module, alpha: float) -> CausalNormClassifier:
     head = copy.deepcopy(classifier).eval().requires_grad_(False)
     head.alpha = alpha
     return head
+
+
+def discovered_offset(logits: torch.Tensor, n_old: int, rate: float) -> tuple[float, dict]:
+    """How far to lower every discovered output's logit (outputs ``n_old`` and up) so that at
+    most ``rate`` of the held-out known-class images whose ``logits`` [n, classes] are given are
+    predicted as a discovered class: the smallest ``δ ≥ 0`` with
+    ``#{i : max_new(z_i) − δ > max_old(z_i)} ≤ ⌊rate · n⌋`` (ties go to the known class, as
+    ``argmax`` gives them). The held-out images are known-class images the student never
+    trained on, so this bounds the rate at which the grown classifier calls a known class
+    new — the false-alarm rate the pool threshold bounds for the score — without reading any
+    test image. Returns ``δ`` and what it did (``claimed_before`` / ``claimed_after``: the
+    shares of the images predicted as discovered)."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    if logits.ndim != 2 or not 0 < n_old < logits.shape[1]:
+        raise ValueError(f"need logits [n, classes] with 0 < n_old < classes, got shape "
+                         f"{tuple(logits.shape)} and n_old {n_old}")
+    if len(logits) == 0:
+        raise ValueError("no held-out known-class images to fit the offset on: hold some out "
+                         "(make_protocol.val_per_class) or turn it off (lifecycle.claim_rate = None)")
+    if not 0 <= rate < 1:
+        raise ValueError(f"rate must be in [0, 1) (a share of held-out known-class images), got {rate}")
+    margin = logits[:, n_old:].max(1).values - logits[:, :n_old].max(1).values
+    allowed = int(np.floor(rate * len(margin)))
+    ranked = torch.sort(margin, descending=True).values
+    delta = max(0.0, float(ranked[allowed]))
+    if delta > 0:  # a hair above the (allowed+1)-th margin, so that float32 logits tie no more
+        delta = float(np.nextafter(np.float32(delta), np.float32(np.inf))) + 1e-6 * max(1.0, delta)
+    return delta, {"rate": rate, "offset": delta, "images": len(margin),
+                   "claimed_before": float((margin > 0).double().mean()),
+                   "claimed_after": float((margin > delta).double().mean())}
 
 
 @torch.no_grad()

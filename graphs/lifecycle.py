@@ -14,6 +14,7 @@ import gin
 import ignite.distributed as idist
 import numpy as np
 import torch
+from ignite.engine import Engine
 from ignite.utils import manual_seed
 from torch import nn
 
@@ -23,6 +24,7 @@ from components.data import ImageSet, ProtocolData, concat_images, take_images
 from components.kmeans import confident
 from components.metrics import cluster_truth, clustering_accuracy, novelty_metrics, pool_quality
 from components.pool import SamplePool
+from components.recalibration import discovered_offset
 from components.scores import Score
 from components.thresholds import FalseAlarmRate
 from graphs.consolidate import consolidate as relabel_discovered
@@ -62,6 +64,7 @@ def lifecycle(
     refine: str | None = "new",
     consolidate: bool = False,
     gate: PromotionGate | None = None,
+    claim_rate: float | None = None,
     embedding: str = "pca",
     seed: int = 0,
 ) -> dict:
@@ -94,6 +97,13 @@ def lifecycle(
     sample seen that the student assigns to them (:func:`graphs.consolidate.consolidate`); the
     relabeled student replaces the first one if ``gate`` (a :class:`PromotionGate` on the
     held-out known-class images) lets it.
+
+    ``claim_rate``: last, lower the discovered classes' logits by the one offset that leaves at
+    most this share of the held-out known-class images predicted as a discovered class
+    (:func:`components.recalibration.discovered_offset`; never raises them). Pseudo-labels
+    that took stream samples of a known look-alike (sandals taught as "sneaker") teach the
+    student to claim that class's images too; the held-out images show how many it claims.
+    ``None``: the student as distilled.
     """
     if cluster_on not in ("features", "projected"):
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
@@ -104,6 +114,9 @@ def lifecycle(
                          f"(SemiSupervisedKMeans has one); {labeler!r} has none: set refine = None")
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    if claim_rate is not None and not 0 <= claim_rate < 1:
+        raise ValueError(f"lifecycle.claim_rate must be in [0, 1) (a share of held-out known-class "
+                         f"images) or None, got {claim_rate}")
     if margin is not None and not 0 < margin <= 1:
         raise ValueError(f"lifecycle.margin must be in (0, 1] (a ratio of squared distances) or None, "
                          f"got {margin}")
@@ -182,6 +195,9 @@ def lifecycle(
         student, consolidation = _consolidate(run_dir, student, teacher, protocol, position, augment, cache,
                                               device, labeler, representation, cluster_on, keep_fraction,
                                               PromotionGate() if gate is None else gate)
+    offset = None
+    if claim_rate is not None and student is not None and k_new > 0:
+        offset = _lower_discovered(run_dir, student, protocol, augment, cache, device, claim_rate, notes)
 
     # 5. evaluate both models on held-out test images
     before = evaluate(_my_rows(cached["test"]), protocol.n_old, protocol.train_counts)
@@ -202,6 +218,7 @@ def lifecycle(
         "k_scores": extras.pop("k_scores", {}),  # each candidate's score when k_new was estimated
         "pseudo_labels": extras.pop("pseudo_labels", _taught_counts([], [], [], protocol.n_old)),
         "consolidation": consolidation,
+        "offset": offset,
         "seconds": time.perf_counter() - started,
     }
     if run_dir.writes:  # process 0 (or the only one) writes; the others wait at the barrier
@@ -245,6 +262,28 @@ def _consolidate(run_dir, student, teacher, protocol, position, augment, cache, 
         return student, entry
     save_checkpoint(run_dir, relabeled, distiller, "consolidated")
     return relabeled, entry
+
+
+def _lower_discovered(run_dir, student, protocol, augment, cache, device, rate: float,
+                      notes: list[str]) -> dict | None:
+    """Lower the student's discovered outputs so that they claim at most ``rate`` of the held-out
+    known-class images (in place; saved as the ``offset`` checkpoint). Returns what it did, or
+    ``None`` (and a note) without held-out images."""
+    if protocol.val is None or len(protocol.val) == 0:
+        notes.append("lifecycle.claim_rate: no held-out known-class images to fit the discovered "
+                     "classes' offset on (make_protocol.val_per_class); the student is reported as "
+                     "distilled")
+        log.warning(f"[yellow]{notes[-1]}[/]")
+        return None
+    val = encode(student, protocol.val, augment, cache, device)
+    delta, entry = discovered_offset(torch.as_tensor(val["logits"]), protocol.n_old, rate)
+    if delta > 0:
+        student.classifier.lower(protocol.n_old, delta)
+        save_checkpoint(run_dir, student, Engine(lambda *_: None), "offset")
+    log.info(f"discovered outputs lowered by {delta:.3f}: they claimed {entry['claimed_before']:.1%} "
+             f"of {entry['images']} held-out known-class images, now {entry['claimed_after']:.1%} "
+             f"(claim_rate {rate})")
+    return entry
 
 
 def _my_rows(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,6 +16,11 @@ def _pct(value: float) -> str:
 
 def _lifecycle_rows(m: dict) -> list[tuple[str, str]]:
     test, shots = m["test"], m["shots"]
+    offset = m.get("offset")
+    lowered = [] if not offset else [
+        ("held-out known images claimed by new outputs (%)",
+         f"{_pct(offset['claimed_before'])} → {_pct(offset['claimed_after'])} "
+         f"(lowered by {offset['offset']:.3g})")]
     return [
         ("test accuracy, all classes (%)", _pct(test["all"])),
         ("test accuracy, old classes (%)", _pct(test["old"])),
@@ -28,6 +33,7 @@ def _lifecycle_rows(m: dict) -> list[tuple[str, str]]:
          f"{m['pool']['size']} / {_pct(m['pool']['precision'])} / {_pct(m['pool']['recall'])}"),
         ("pool clustering accuracy all / new (%)",
          f"{_pct(m['pool_clustering']['all'])} / {_pct(m['pool_clustering']['new'])}"),
+        *lowered,
     ]
 
 

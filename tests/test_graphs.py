@@ -14,6 +14,8 @@ from components.pool import SamplePool
 from components.scores import max_softmax
 from graphs.encode import encode
 from graphs.evaluate import evaluate
+from graphs.handlers import RunDir
+from graphs.lifecycle import _lower_discovered
 from graphs.online import online
 from graphs.train import adapt, distill, train
 
@@ -309,3 +311,30 @@ def test_torch_compile_is_an_option_of_every_training_graph():
     with torch.no_grad():
         predicted = model(BatchAugment().eval()(images.images)).argmax(1)
     assert (predicted == images.targets).float().mean() > 0.6
+
+
+def test_lower_discovered_bounds_what_the_new_outputs_claim_of_held_out_images(tmp_path):
+    """The lifecycle's last step: the discovered outputs (here biased to claim every held-out
+    known-class image) are lowered through their biases until at most the rate's share of the
+    held-out images is predicted as one; the known outputs and all weights stay; the lowered
+    model is saved. Without held-out images the student stays and the run says why."""
+    val, student = _images(), _net(classes=5)  # 3 known classes, 2 discovered
+    with torch.no_grad():
+        student.classifier.bias[3:] += 10.0
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cache, run_dir = FeatureCache(root=tmp_path / "cache"), RunDir(tmp_path / "run")
+    protocol = type("Protocol", (), {"val": val, "n_old": 3})()
+    notes = []
+    entry = _lower_discovered(run_dir, student, protocol, BatchAugment(), cache, CPU, 0.25, notes)
+    assert entry["claimed_before"] == 1.0 and entry["offset"] > 5.0 and not notes
+    after = encode(student, val, BatchAugment(), cache, CPU)["logits"].argmax(1)
+    assert (after >= 3).sum() <= 6 and entry["claimed_after"] == (after >= 3).mean()  # ⌊0.25 · 24⌋
+    state = student.state_dict()
+    shift = before["classifier.bias"] - state["classifier.bias"]
+    assert torch.equal(shift[:3], torch.zeros(3))
+    assert shift[3:].tolist() == pytest.approx([entry["offset"]] * 2)
+    assert all(torch.equal(before[k], v) for k, v in state.items() if k != "classifier.bias")
+    assert [p.name.split("_")[0] for p in (tmp_path / "run" / "checkpoints").glob("*.pt")] == ["offset"]
+    protocol.val = None
+    assert _lower_discovered(run_dir, student, protocol, BatchAugment(), cache, CPU, 0.25, notes) is None
+    assert "no held-out known-class images" in notes[0]

@@ -30,6 +30,7 @@ from components.recalibration import (
     TauNormalized,
     WeightScaled,
     counterfactual,
+    discovered_offset,
     select_on_validation,
 )
 from components.run import CONFIG_ERROR, main
@@ -286,6 +287,48 @@ def test_tau_norm_shrinks_the_head_class_advantage():
     # tau = 1: rows normalized (bias dropped): [0.5, 1.0] -> class 1
     assert TauNormalized(classifier, 1.0)(x)[0].tolist() == pytest.approx([0.5, 1.0])
     assert TauNormalized(classifier, 0.0)(x)[0].tolist() == pytest.approx([1.5, 1.0])
+
+
+def test_discovered_offset_lowers_the_new_outputs_until_they_claim_the_share_asked():
+    """The offset is the smallest one that leaves at most ⌊rate·n⌋ held-out known-class images
+    predicted as a discovered class; applied through the classifier's bias it does exactly that,
+    and it never raises the new outputs nor touches the known ones."""
+    g = torch.Generator().manual_seed(0)
+    n_old, n = 4, 200
+    classifier = GrowingLinear(8, n_old + 2)
+    features = torch.randn(n, 8, generator=g)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.randn(n_old + 2, 8, generator=g))
+        classifier.bias.zero_()
+        classifier.bias[n_old:] += 1.0  # the discovered outputs claim many known-class images
+        logits = classifier(features)
+    claimed = lambda z: int((z.argmax(1) >= n_old).sum()) / len(z)  # noqa: E731
+    before = claimed(logits)
+    assert 0.3 < before < 0.9
+    for rate in (0.0, 0.05, 0.1, 0.25):
+        delta, info = discovered_offset(logits, n_old, rate)
+        lowered = GrowingLinear(8, n_old + 2)
+        lowered.load_state_dict(classifier.state_dict())
+        lowered.lower(n_old, delta)
+        with torch.no_grad():
+            after = lowered(features)
+        assert claimed(after) <= rate + 1e-9 and info["claimed_after"] == pytest.approx(claimed(after))
+        assert info["claimed_before"] == pytest.approx(before)
+        assert torch.equal(after[:, :n_old], logits[:, :n_old])  # the known outputs stay
+        # the smallest such offset: a little less lets one more image be claimed than allowed
+        smaller = logits.clone()
+        smaller[:, n_old:] -= delta - 1e-3
+        assert claimed(smaller) > math.floor(rate * n) / n
+    # already below the rate: nothing moves (the offset never raises the discovered outputs)
+    assert discovered_offset(logits, n_old, 0.9)[0] == 0.0
+    # a tie between a known and a discovered output goes to the known one, as argmax gives it
+    assert discovered_offset(torch.tensor([[1.0, 0.0, 1.0]]), 2, 0.0)[0] == 0.0
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):
+        discovered_offset(logits, n_old, 1.0)
+    with pytest.raises(ValueError, match="0 < n_old < classes"):
+        discovered_offset(logits, n_old + 2, 0.1)
+    with pytest.raises(ValueError, match="no bias"):
+        CosineLinear(8, 6).lower(n_old, 1.0)
 
 
 def test_lws_starts_as_the_classifier_and_learns_only_scales():

@@ -42,6 +42,7 @@ def _run(tmp_path, *bindings, gin_files=(DISTILL,)):
         ("SamplePool.trigger_size = ", "trigger_size"),  # syntax error
         ("SamplePool.trigger_size = -1", "trigger_size must be >= 1"),  # bad value
         ("make_protocol.ratio = 0.5", "ratio must be >= 1"),  # bad value deeper down
+        ("lifecycle.claim_rate = 1.5", "claim_rate must be in [0, 1)"),
     ],
 )
 def test_gin_errors_exit_2_and_write_nothing(tmp_path, capsys, binding, expected):
@@ -116,6 +117,21 @@ def test_consolidation_relabels_what_the_student_assigns_and_goes_through_the_ga
     names = sorted(c.name.split("_")[0] for c in (run_dir / "checkpoints").glob("*.pt"))
     assert names == (["consolidated", "student", "teacher"] if entry["decision"] == "promoted"
                      else ["student", "teacher"])
+
+
+def test_claim_rate_lowers_the_discovered_outputs_and_records_it(tmp_path):
+    """``lifecycle.claim_rate = 0``: the discovered outputs are lowered until no held-out
+    known-class image is predicted as one, and the run records it."""
+    code, run_dir = _run(tmp_path, *SHORT, "lifecycle.representation = None", "distill.epochs = 2",
+                         "lifecycle.claim_rate = 0.0")
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    entry = metrics["offset"]
+    assert entry["rate"] == 0.0 and entry["claimed_after"] == 0.0 and entry["images"] > 0
+    checkpoints = {c.name.split("_")[0]: c for c in (run_dir / "checkpoints").glob("*.pt")}
+    assert ("offset" in checkpoints) == (entry["offset"] > 0)  # the reported model is saved
+    assert "held-out known images claimed by new outputs" in (run_dir / "report.md").read_text()
+    # (what the offset does to the classifier: tests/test_graphs.py)
 
 
 def test_swaps_are_bindings(tmp_path):

@@ -104,6 +104,19 @@ class GrowingLinear(nn.Module):
             self.bias = nn.Parameter(self.bias[rows].clone())
         return self
 
+    @torch.no_grad()
+    def lower(self, start: int, delta: float) -> GrowingLinear:
+        """Lower the logits of outputs ``start`` and up by ``delta``, in place, through the bias
+        (:func:`components.recalibration.discovered_offset` says by how much)."""
+        if self.bias is None:
+            raise ValueError(f"{type(self).__name__} has no bias to lower its outputs {start}.. by: "
+                             "use a classifier with a bias (GrowingLinear) or turn the offset off "
+                             "(lifecycle.claim_rate = None)")
+        if not 0 <= start <= self.out_features:
+            raise ValueError(f"start must be in [0, {self.out_features}], got {start}")
+        self.bias[start:] -= delta
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
