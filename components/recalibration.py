@@ -97,17 +97,23 @@ def counterfactual(classifier: nn.Module, alpha: float) -> CausalNormClassifier:
     return head
 
 
-def discovered_offset(logits: torch.Tensor, n_old: int, rate: float) -> tuple[float, dict]:
-    """How far to lower every discovered output's logit (outputs ``n_old`` and up) so that at
-    most ``rate`` of the held-out known-class images whose ``logits`` [n, classes] are given are
-    predicted as a discovered class: the smallest ``δ ≥ 0`` with
-    ``#{i : max_new(z_i) − δ > max_old(z_i)} ≤ ⌊rate · n⌋`` (ties go to the known class, as
+def discovered_offset(logits: torch.Tensor, n_old: int, rate: float,
+                      per_output: bool = False) -> tuple[np.ndarray, dict]:
+    """How far to lower the discovered outputs' logits (outputs ``n_old`` and up) so that at most
+    ``rate`` of the held-out known-class images whose ``logits`` [n, classes] are given are
+    predicted as a discovered class (⌊rate · n⌋ images; ties go to the known class, as
     ``argmax`` gives them). The held-out images are known-class images the student never
-    trained on, so this bounds the rate at which the grown classifier calls a known class
-    new — the false-alarm rate the pool threshold bounds for the score — without reading any
-    test image. Returns ``δ`` and what it did (``claimed_before`` / ``claimed_after``: the
-    shares of the images predicted as discovered)."""
-    logits = torch.as_tensor(logits, dtype=torch.float64)
+    trained on, so this bounds the rate at which the grown classifier calls a known class new —
+    the false-alarm rate the pool threshold bounds for the score — without reading any test
+    image. Offsets only lower, never raise.
+
+    ``per_output=False``: one offset for every discovered output, the smallest that meets the
+    bound. ``True``: the output that claims the most images is lowered until it lets one go,
+    and again, until the bound is met, so an output that claims nothing keeps its logits.
+
+    Returns the offsets ``[classes − n_old]`` and what they did (``claimed_before`` /
+    ``claimed_after``: the shares of the images predicted as discovered, the latter with the
+    offsets applied in the logits' own precision)."""
     if logits.ndim != 2 or not 0 < n_old < logits.shape[1]:
         raise ValueError(f"need logits [n, classes] with 0 < n_old < classes, got shape "
                          f"{tuple(logits.shape)} and n_old {n_old}")
@@ -116,15 +122,40 @@ def discovered_offset(logits: torch.Tensor, n_old: int, rate: float) -> tuple[fl
                          "(make_protocol.val_per_class) or turn it off (lifecycle.claim_rate = None)")
     if not 0 <= rate < 1:
         raise ValueError(f"rate must be in [0, 1) (a share of held-out known-class images), got {rate}")
-    margin = logits[:, n_old:].max(1).values - logits[:, :n_old].max(1).values
-    allowed = int(np.floor(rate * len(margin)))
-    ranked = torch.sort(margin, descending=True).values
-    delta = max(0.0, float(ranked[allowed]))
-    if delta > 0:  # a hair above the (allowed+1)-th margin, so that float32 logits tie no more
-        delta = float(np.nextafter(np.float32(delta), np.float32(np.inf))) + 1e-6 * max(1.0, delta)
-    return delta, {"rate": rate, "offset": delta, "images": len(margin),
-                   "claimed_before": float((margin > 0).double().mean()),
-                   "claimed_after": float((margin > delta).double().mean())}
+    given = torch.as_tensor(logits)
+    z = given.to(torch.float64)
+    allowed = int(np.floor(rate * len(z)))
+    offsets = torch.zeros(z.shape[1] - n_old, dtype=torch.float64)
+
+    def nudge(value: torch.Tensor) -> torch.Tensor:  # a hair past a tie, in float32 too
+        return value + 1e-5 * value.abs().clamp_min(1.0)
+
+    if not per_output:
+        margin = z[:, n_old:].max(1).values - z[:, :n_old].max(1).values
+        ranked = torch.sort(margin, descending=True).values
+        if ranked[allowed] > 0:
+            offsets[:] = nudge(ranked[allowed])
+    else:
+        while True:
+            lowered = z.clone()
+            lowered[:, n_old:] -= offsets
+            predicted = lowered.argmax(1)
+            claimed = predicted >= n_old
+            if int(claimed.sum()) <= allowed:
+                break
+            j = int(torch.bincount(predicted[claimed]).argmax())  # the output claiming the most
+            rows = lowered[predicted == j]
+            rival = torch.cat([rows[:, :j], rows[:, j + 1:]], 1).max(1).values
+            offsets[j - n_old] += nudge((rows[:, j] - rival).min())
+    applied = given.clone()
+    applied[:, n_old:] -= offsets.to(given.dtype)
+
+    def share(x: torch.Tensor) -> float:
+        return int((x.argmax(1) >= n_old).sum()) / len(x)
+
+    return offsets.numpy(), {"rate": rate, "per_output": per_output, "offset": offsets.tolist(),
+                             "images": len(z), "claimed_before": share(given),
+                             "claimed_after": share(applied)}
 
 
 @torch.no_grad()

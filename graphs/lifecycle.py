@@ -65,6 +65,7 @@ def lifecycle(
     consolidate: bool = False,
     gate: PromotionGate | None = None,
     claim_rate: float | None = None,
+    claim_per_output: bool = False,
     embedding: str = "pca",
     seed: int = 0,
 ) -> dict:
@@ -103,7 +104,8 @@ def lifecycle(
     (:func:`components.recalibration.discovered_offset`; never raises them). Pseudo-labels
     that took stream samples of a known look-alike (sandals taught as "sneaker") teach the
     student to claim that class's images too; the held-out images show how many it claims.
-    ``None``: the student as distilled.
+    ``None``: the student as distilled. ``claim_per_output``: lower the output that claims the
+    most, image by image, instead of all of them by one offset.
     """
     if cluster_on not in ("features", "projected"):
         raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
@@ -197,7 +199,8 @@ def lifecycle(
                                               PromotionGate() if gate is None else gate)
     offset = None
     if claim_rate is not None and student is not None and k_new > 0:
-        offset = _lower_discovered(run_dir, student, protocol, augment, cache, device, claim_rate, notes)
+        offset = _lower_discovered(run_dir, student, protocol, augment, cache, device, claim_rate,
+                                   claim_per_output, notes)
 
     # 5. evaluate both models on held-out test images
     before = evaluate(_my_rows(cached["test"]), protocol.n_old, protocol.train_counts)
@@ -264,7 +267,7 @@ def _consolidate(run_dir, student, teacher, protocol, position, augment, cache, 
     return relabeled, entry
 
 
-def _lower_discovered(run_dir, student, protocol, augment, cache, device, rate: float,
+def _lower_discovered(run_dir, student, protocol, augment, cache, device, rate: float, per_output: bool,
                       notes: list[str]) -> dict | None:
     """Lower the student's discovered outputs so that they claim at most ``rate`` of the held-out
     known-class images (in place; saved as the ``offset`` checkpoint). Returns what it did, or
@@ -276,11 +279,12 @@ def _lower_discovered(run_dir, student, protocol, augment, cache, device, rate: 
         log.warning(f"[yellow]{notes[-1]}[/]")
         return None
     val = encode(student, protocol.val, augment, cache, device)
-    delta, entry = discovered_offset(torch.as_tensor(val["logits"]), protocol.n_old, rate)
-    if delta > 0:
-        student.classifier.lower(protocol.n_old, delta)
+    offsets, entry = discovered_offset(torch.as_tensor(val["logits"]), protocol.n_old, rate, per_output)
+    if offsets.any():
+        student.classifier.lower(protocol.n_old, offsets)
         save_checkpoint(run_dir, student, Engine(lambda *_: None), "offset")
-    log.info(f"discovered outputs lowered by {delta:.3f}: they claimed {entry['claimed_before']:.1%} "
+    lowered = ", ".join(f"{x:.3g}" for x in offsets)
+    log.info(f"discovered outputs lowered by {lowered}: they claimed {entry['claimed_before']:.1%} "
              f"of {entry['images']} held-out known-class images, now {entry['claimed_after']:.1%} "
              f"(claim_rate {rate})")
     return entry

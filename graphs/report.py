@@ -20,7 +20,7 @@ def _lifecycle_rows(m: dict) -> list[tuple[str, str]]:
     lowered = [] if not offset else [
         ("held-out known images claimed by new outputs (%)",
          f"{_pct(offset['claimed_before'])} → {_pct(offset['claimed_after'])} "
-         f"(lowered by {offset['offset']:.3g})")]
+         f"(lowered by {', '.join(f'{x:.3g}' for x in offset['offset'])})")]
     return [
         ("test accuracy, all classes (%)", _pct(test["all"])),
         ("test accuracy, old classes (%)", _pct(test["old"])),

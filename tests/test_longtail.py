@@ -289,44 +289,51 @@ def test_tau_norm_shrinks_the_head_class_advantage():
     assert TauNormalized(classifier, 0.0)(x)[0].tolist() == pytest.approx([1.5, 1.0])
 
 
-def test_discovered_offset_lowers_the_new_outputs_until_they_claim_the_share_asked():
-    """The offset is the smallest one that leaves at most ⌊rate·n⌋ held-out known-class images
-    predicted as a discovered class; applied through the classifier's bias it does exactly that,
-    and it never raises the new outputs nor touches the known ones."""
+@pytest.mark.parametrize("per_output", [False, True])
+def test_discovered_offset_lowers_the_new_outputs_until_they_claim_the_share_asked(per_output):
+    """The offsets leave at most ⌊rate·n⌋ held-out known-class images predicted as a discovered
+    class; applied through the classifier's bias they do exactly that, never raise a new output
+    nor touch the known ones. One offset is the smallest that does it; per output, an output
+    that claims no image keeps its logits."""
     g = torch.Generator().manual_seed(0)
     n_old, n = 4, 200
-    classifier = GrowingLinear(8, n_old + 2)
+    classifier = GrowingLinear(8, n_old + 3)
     features = torch.randn(n, 8, generator=g)
     with torch.no_grad():
-        classifier.weight.copy_(torch.randn(n_old + 2, 8, generator=g))
+        classifier.weight.copy_(torch.randn(n_old + 3, 8, generator=g))
         classifier.bias.zero_()
-        classifier.bias[n_old:] += 1.0  # the discovered outputs claim many known-class images
+        classifier.bias[n_old:n_old + 2] += torch.tensor([1.0, 0.5])  # these two claim many images
+        classifier.bias[n_old + 2] = -50.0  # this one claims none
         logits = classifier(features)
     claimed = lambda z: int((z.argmax(1) >= n_old).sum()) / len(z)  # noqa: E731
     before = claimed(logits)
     assert 0.3 < before < 0.9
     for rate in (0.0, 0.05, 0.1, 0.25):
-        delta, info = discovered_offset(logits, n_old, rate)
-        lowered = GrowingLinear(8, n_old + 2)
+        offsets, info = discovered_offset(logits, n_old, rate, per_output=per_output)
+        lowered = GrowingLinear(8, n_old + 3)
         lowered.load_state_dict(classifier.state_dict())
-        lowered.lower(n_old, delta)
+        lowered.lower(n_old, offsets)
         with torch.no_grad():
             after = lowered(features)
-        assert claimed(after) <= rate + 1e-9 and info["claimed_after"] == pytest.approx(claimed(after))
-        assert info["claimed_before"] == pytest.approx(before)
+        assert claimed(after) <= math.floor(rate * n) / n and info["claimed_after"] == claimed(after)
+        assert info["claimed_before"] == before and info["offset"] == pytest.approx(offsets.tolist())
         assert torch.equal(after[:, :n_old], logits[:, :n_old])  # the known outputs stay
-        # the smallest such offset: a little less lets one more image be claimed than allowed
-        smaller = logits.clone()
-        smaller[:, n_old:] -= delta - 1e-3
-        assert claimed(smaller) > math.floor(rate * n) / n
-    # already below the rate: nothing moves (the offset never raises the discovered outputs)
-    assert discovered_offset(logits, n_old, 0.9)[0] == 0.0
+        assert (offsets >= 0).all() and offsets[:2].min() > 0
+        if per_output:
+            assert offsets[2] == 0.0  # it claimed nothing: it is not lowered
+        else:  # the smallest one offset: a little less lets more images be claimed than allowed
+            assert len(set(offsets.tolist())) == 1
+            smaller = logits.clone()
+            smaller[:, n_old:] -= offsets[0] - 1e-3
+            assert claimed(smaller) > math.floor(rate * n) / n
+    # already below the rate: nothing moves (the offsets never raise the discovered outputs)
+    assert not discovered_offset(logits, n_old, 0.9, per_output=per_output)[0].any()
     # a tie between a known and a discovered output goes to the known one, as argmax gives it
-    assert discovered_offset(torch.tensor([[1.0, 0.0, 1.0]]), 2, 0.0)[0] == 0.0
+    assert not discovered_offset(torch.tensor([[1.0, 0.0, 1.0]]), 2, 0.0, per_output=per_output)[0].any()
     with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):
-        discovered_offset(logits, n_old, 1.0)
+        discovered_offset(logits, n_old, 1.0, per_output=per_output)
     with pytest.raises(ValueError, match="0 < n_old < classes"):
-        discovered_offset(logits, n_old + 2, 0.1)
+        discovered_offset(logits, n_old + 3, 0.1, per_output=per_output)
     with pytest.raises(ValueError, match="no bias"):
         CosineLinear(8, 6).lower(n_old, 1.0)
 

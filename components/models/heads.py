@@ -105,16 +105,17 @@ class GrowingLinear(nn.Module):
         return self
 
     @torch.no_grad()
-    def lower(self, start: int, delta: float) -> GrowingLinear:
-        """Lower the logits of outputs ``start`` and up by ``delta``, in place, through the bias
-        (:func:`components.recalibration.discovered_offset` says by how much)."""
+    def lower(self, start: int, delta) -> GrowingLinear:
+        """Lower the logits of outputs ``start`` and up by ``delta`` (one number, or one per
+        output), in place, through the bias (:func:`components.recalibration.discovered_offset`
+        says by how much)."""
         if self.bias is None:
             raise ValueError(f"{type(self).__name__} has no bias to lower its outputs {start}.. by: "
                              "use a classifier with a bias (GrowingLinear) or turn the offset off "
                              "(lifecycle.claim_rate = None)")
         if not 0 <= start <= self.out_features:
             raise ValueError(f"start must be in [0, {self.out_features}], got {start}")
-        self.bias[start:] -= delta
+        self.bias[start:] -= torch.as_tensor(delta, dtype=self.bias.dtype, device=self.bias.device)
         return self
 
     def extra_repr(self) -> str:
