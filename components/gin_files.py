@@ -71,3 +71,11 @@ def locate(name: str) -> Path | None:
         if (prefix / path).is_file():
             return prefix / path
     return None
+
+
+def resolve(value):
+    """A value ``gin.query_parameter`` returned, references resolved: ``@X`` is the callable,
+    ``@X()`` calls it (macros such as ``%SEED`` are references too); a literal as it is."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+    return value

@@ -29,6 +29,7 @@ from torch import nn
 
 from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData, concat_images
+from components.gin_files import resolve
 from components.metrics import clustering_accuracy, pool_quality
 from graphs.encode import encode
 from graphs.handlers import RunDir, describe, load_checkpoint, log, save_checkpoint
@@ -163,6 +164,4 @@ def _discovery_binding(name: str, default=gin.REQUIRED):
             raise ValueError(f"recluster_run needs discovery.{name} bound: parse the earlier run's "
                              "operative_config.gin first (--gin runs/X/operative_config.gin)") from None
         return default
-    if isinstance(value, gin.config.ConfigurableReference):
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
-    return value  # a literal (macros such as %SEED are references too, resolved above)
+    return resolve(value)

@@ -1,15 +1,21 @@
 """What ``lifecycle.claim_rate`` would have given finished single-round runs, for several rates
 at once, without training again: loads each run's reported student, fits the discovered
-outputs' offset on its held-out known-class images for every rate and measures the test images
-with it. Reads the test set, so it is a tuning tool for choosing the default on a suite, never
-part of a run.
+outputs' offsets on its held-out known-class images for every rate (one offset, and per output:
+``each``) and measures the test images with them. Reads the test set, so it is a tuning tool for
+choosing the default on a suite, never part of a run.
 
-    python scripts/claim_sweep.py runs/suite-fmnist/*/ --rates 0.01 0.02 0.05 0.1
+    python scripts/claim_sweep.py runs/suite-fmnist/*/ --rates 0.01 0.02 0.03
+
+``--gain`` adds a row where each discovered output is lowered as far as maximises the held-out
+known-class accuracy (a variant that lost, docs/loop.md). ``--explain RATE`` prints, per run,
+each discovered output's per-output offset at that rate, the true class the test's one
+Hungarian assignment gives it (what "old" and "new" accuracy credit it for), and the held-out
+images it claims by class, with that class's labeled count.
 
 Each run folder needs its ``operative_config.gin``, ``metrics.json`` and checkpoints (a run of
 ``gin/distill.gin`` or ``gin/distill_fmnist.gin``; a run that already lowered its outputs is
-measured from the student before the offset). Prints, per rate, the mean test accuracy
-(all / old / new, %) over the runs and each run's line.
+measured from the student before the offset). Prints each run's line, then per rate the mean
+test accuracy (all / old / new, %) over the runs and the worst run's new.
 """
 
 from __future__ import annotations
@@ -26,77 +32,113 @@ from ignite.handlers import Checkpoint
 import components  # noqa: F401  (registers the configurables the configs name)
 import components.run  # noqa: F401
 import graphs  # noqa: F401
+from components.gin_files import resolve
+from components.metrics import hungarian_mapping
 from components.recalibration import discovered_offset
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.handlers import load_checkpoint
 
 
-def _binding(name: str):
-    value = gin.query_parameter(f"lifecycle.{name}")
-    if isinstance(value, gin.config.ConfigurableReference):
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
-    return value
+def gain_offsets(logits: np.ndarray, targets: np.ndarray, n_old: int) -> np.ndarray:
+    """Each discovered output lowered (alone) as far as maximises the held-out known-class
+    accuracy: of the images it claims, released from the smallest margin up, the count whose
+    runner-up is their true class peaks there (no offset when it never rises above zero)."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(targets)
+    offsets = np.zeros(z.shape[1] - n_old)
+    for j in range(n_old, z.shape[1]):
+        others = torch.cat([z[:, :j], z[:, j + 1:]], 1)
+        runner_up = others.argmax(1) + (others.argmax(1) >= j).long()  # back to output ids
+        margin = z[:, j] - others.max(1).values
+        claimed = margin > 0
+        order = torch.argsort(margin[claimed])
+        gained = torch.cumsum((runner_up[claimed] == y[claimed])[order].long(), 0)
+        if len(gained) and gained.max() > 0:
+            best = margin[claimed][order][int(gained.argmax())]
+            offsets[j - n_old] = float(best + 1e-5 * best.abs().clamp_min(1.0))
+    return offsets
 
 
-def sweep(folder: Path, rates: list[float]) -> dict[float, dict] | None:
+def _load(folder: Path):
+    """The run's protocol, its reported student's val and test outputs, and k_new (None if
+    nothing was discovered)."""
     metrics = json.loads((folder / "metrics.json").read_text())
     k_new = metrics["k_new"]
     if k_new == 0:
         return None
     gin.clear_config()
     gin.parse_config_file(str(folder / "operative_config.gin"))
-    data, model, augment, cache = (_binding(k) for k in ("data", "model", "augment", "cache"))
+    data, model, augment, cache = (resolve(gin.query_parameter(f"lifecycle.{k}"))
+                                   for k in ("data", "model", "augment", "cache"))
     protocol = data()
     saved = {p.name.split("_")[0]: p for p in sorted((folder / "checkpoints").glob("*.pt"))}
     name = "consolidated" if (metrics.get("consolidation") or {}).get("decision") == "promoted" else "student"
     net = model(num_classes=protocol.n_old + k_new)
     Checkpoint.load_objects({"model": net}, load_checkpoint(saved[name]))
     device = torch.device("cpu")
-    val = encode(net, protocol.val, augment, cache, device)
-    test = encode(net, protocol.test, augment, cache, device)
+    return protocol, encode(net, protocol.val, augment, cache, device), \
+        encode(net, protocol.test, augment, cache, device), k_new
+
+
+def sweep(folder: Path, rates: list[float], gain: bool = False, explain: float | None = None):
+    loaded = _load(folder)
+    if loaded is None:
+        return None
+    protocol, val, test, k_new = loaded
+    n_old, held_out = protocol.n_old, torch.as_tensor(val["logits"])
+    variants = {"none": np.zeros(k_new)}
+    for rate in rates:
+        variants[str(rate)] = discovered_offset(held_out, n_old, rate)[0]
+        variants[f"{rate} each"] = discovered_offset(held_out, n_old, rate, per_output=True)[0]
+    if gain:
+        variants["gain"] = gain_offsets(val["logits"], val["targets"], n_old)
     out = {}
-    for rate in ["none", *rates]:
-        for per_output in (False, True):
-            if rate == "none" and per_output:
-                continue
-            if rate == "none":
-                offsets = np.zeros(k_new)
-                entry = discovered_offset(torch.as_tensor(val["logits"]), protocol.n_old, 0.0)[1]
-            else:
-                offsets, entry = discovered_offset(torch.as_tensor(val["logits"]), protocol.n_old, rate,
-                                                   per_output)
-            logits = test["logits"].copy()
-            logits[:, protocol.n_old:] -= offsets.astype(np.float32)
-            accuracy = evaluate({"logits": logits, "targets": test["targets"]}, protocol.n_old,
-                                protocol.train_counts)["accuracy"]
-            key = rate if rate == "none" else f"{rate}{' each' if per_output else ''}"
-            out[key] = {k: 100 * accuracy[k] for k in ("all", "old", "new")} | {
-                "offset": float(offsets.max()), "claimed": 100 * entry["claimed_before"]}
+    for key, offsets in variants.items():
+        logits = test["logits"].copy()
+        logits[:, n_old:] -= offsets.astype(np.float32)
+        accuracy = evaluate({"logits": logits, "targets": test["targets"]}, n_old,
+                            protocol.train_counts)["accuracy"]
+        out[key] = {k: 100 * accuracy[k] for k in ("all", "old", "new")} | {"offset": float(offsets.max())}
+    out["none"]["claimed"] = 100 * float((val["logits"].argmax(1) >= n_old).mean())
+    if explain is not None:
+        offsets = discovered_offset(held_out, n_old, explain, per_output=True)[0]
+        mapped = hungarian_mapping(test["targets"], test["logits"].argmax(1))
+        predicted = val["logits"].argmax(1)
+        for j in range(n_old, n_old + k_new):
+            claims = np.bincount(val["targets"][predicted == j], minlength=n_old)
+            said = ", ".join(f"class {c} ({protocol.train_counts[c]} labeled): {n}"
+                             for c, n in enumerate(claims) if n)
+            print(f"  output {j}: offset {offsets[j - n_old]:.2f} at {explain} each; the test's "
+                  f"assignment gives it class {mapped.get(j)}; held-out images it claims: {said or 'none'}")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.02, 0.03, 0.05, 0.1])
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.02, 0.03])
+    parser.add_argument("--gain", action="store_true", help="add the accuracy-maximising variant")
+    parser.add_argument("--explain", type=float, metavar="RATE", help="print each output's offset, "
+                        "test assignment and held-out claims at this per-output rate")
     args = parser.parse_args()
     table: dict[str, list[dict]] = {}
     for folder in args.runs:
-        result = sweep(folder, args.rates)
+        print(folder)
+        result = sweep(folder, args.rates, args.gain, args.explain)
         if result is None:
-            print(f"{folder}: nothing discovered, skipped")
+            print("  nothing discovered, skipped")
             continue
         line = "  ".join(f"{r}: {v['all']:.1f}/{v['old']:.1f}/{v['new']:.1f} (δ≤{v['offset']:.2f})"
                          for r, v in result.items())
-        print(f"{folder} (claimed {result['none']['claimed']:.1f} % of held-out): {line}")
+        print(f"  claimed {result['none']['claimed']:.1f} % of held-out; {line}")
         for r, v in result.items():
             table.setdefault(r, []).append(v)
-    print("rate       all   old   new   (mean over runs, %; 'each': per_output)")
+    print("rate       all   old   new   (mean over runs, %; 'each': per output)")
     for r, values in table.items():
         mean = {k: np.mean([v[k] for v in values]) for k in ("all", "old", "new")}
         worst = min(v["new"] for v in values)
-        print(f"{r!s:<10} {mean['all']:.1f}  {mean['old']:.1f}  {mean['new']:.1f}  worst new {worst:.1f}")
+        print(f"{r:<10} {mean['all']:.1f}  {mean['old']:.1f}  {mean['new']:.1f}  worst new {worst:.1f}")
 
 
 if __name__ == "__main__":
