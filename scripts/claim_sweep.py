@@ -15,13 +15,15 @@ images it claims by class, with that class's labeled count.
 Each run folder needs its ``operative_config.gin``, ``metrics.json`` and checkpoints (a run of
 ``gin/distill.gin`` or ``gin/distill_fmnist.gin``; a run that already lowered its outputs is
 measured from the student before the offset). Prints each run's line, then per rate the mean
-test accuracy (all / old / new, %) over the runs and the worst run's new.
+± std test accuracy (all / old / new, %) over the runs, the worst run's new and, for suite runs
+(``…-ratio<R>-…`` folders), all / new / worst new per ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import gin
@@ -132,14 +134,22 @@ def main() -> None:
         line = "  ".join(f"{r}: {v['all']:.1f}/{v['old']:.1f}/{v['new']:.1f} (δ≤{v['offset']:.2f})"
                          for r, v in result.items())
         print(f"  claimed {result['none']['claimed']:.1f} % of held-out; {line}")
+        ratio = re.search(r"ratio(\d+)", folder.name)
         for r, v in result.items():
-            table.setdefault(r, []).append(v)
-    print("rate       all   old   new   (mean over runs, %; 'each': per output)")
+            table.setdefault(r, []).append(v | {"ratio": ratio and int(ratio.group(1))})
+    print("rate       all          old          new          worst new   (mean ± std over runs, %; "
+          "'each': per output; per ratio: all / new / worst new)")
     for r, values in table.items():
-        mean = {k: np.mean([v[k] for v in values]) for k in ("all", "old", "new")}
+        stats = {k: (np.mean([v[k] for v in values]), np.std([v[k] for v in values]))
+                 for k in ("all", "old", "new")}
         worst = min(v["new"] for v in values)
-        print(f"{r:<10} {mean['all']:.1f}  {mean['old']:.1f}  {mean['new']:.1f}  worst new {worst:.1f}")
-
+        ratios = sorted({v["ratio"] for v in values if v["ratio"] is not None})
+        by_ratio = "  ".join(
+            f"ratio {q}: {np.mean([v['all'] for v in values if v['ratio'] == q]):.1f} / "
+            f"{np.mean([v['new'] for v in values if v['ratio'] == q]):.1f} / "
+            f"{min(v['new'] for v in values if v['ratio'] == q):.1f}" for q in ratios)
+        print(f"{r:<10} " + " ".join(f"{m:.1f} ± {d:.1f}".ljust(12) for m, d in stats.values())
+              + f" {worst:.1f}   {by_ratio}")
 
 if __name__ == "__main__":
     main()
