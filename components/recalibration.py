@@ -9,7 +9,9 @@ HDF5 cache without touching images:
 * :class:`PriorAdjusted` — post-hoc logit adjustment (Menon et al., ICLR 2021);
 * :func:`counterfactual` — causal TDE at inference (Tang et al., NeurIPS 2020);
 * :func:`discovered_offset` — after discovery, how far to lower the discovered classes' logits
-  so that they claim at most a given share of held-out known-class images.
+  so that they claim at most a given share of held-out known-class images;
+* :func:`known_prior_adjustment` — after discovery, post-hoc logit adjustment of the known
+  classes only, τ chosen on held-out known-class images (the tail's fix for a grown classifier).
 
 cRT (re-training the classifier on features with class-balanced sampling) and the choice of
 τ or α on a validation split need a training loop or a search; they live in
@@ -156,6 +158,63 @@ def discovered_offset(logits: torch.Tensor, n_old: int, rate: float,
     return offsets.numpy(), {"rate": rate, "per_output": per_output, "offset": offsets.tolist(),
                              "images": len(z), "claimed_before": share(given),
                              "claimed_after": share(applied)}
+
+
+TAUS = tuple(round(0.1 * i, 1) for i in range(11))  # 0, 0.1, …, 1 (Menon et al.'s τ = 1 the last)
+
+
+def known_prior_adjustment(logits, targets, class_counts: Sequence[int],
+                           taus: Sequence[float] = TAUS) -> tuple[np.ndarray, dict]:
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021) of a grown classifier's *known*
+    classes, ``z_c - τ · (log n_c - mean_k log n_k)`` for the ``len(class_counts)`` first
+    outputs, with τ chosen on held-out known-class images (``logits`` [n, classes] and their
+    ``targets``): the τ of ``taus`` with the best mean per-class accuracy over the classes those
+    images hold, predictions taken over *every* output (a held-out image a discovered class
+    takes counts as wrong); ties go to the smaller τ, so τ = 0, the classifier as it is, wins
+    unless a larger one helps.
+
+    The log-prior is centred over the known classes: head classes go down and tail classes up by
+    as much, so the discovered outputs (left as they are) keep about the share of images they
+    had. Class-balanced training does not leave a tail class of a few dozen images balanced —
+    its few images are learned by heart and its logits on new images stay low — which is why τ
+    is measured rather than fixed at 0 (the prior a balanced sampler trains on) or 1 (the
+    training split's).
+
+    Returns the offsets to subtract from the known outputs' logits ``[len(class_counts)]`` and
+    what was measured (``tau``; ``taus`` and the ``held_out`` accuracy at each; ``held_out_before``
+    at τ = 0; ``images`` and ``classes`` held out)."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = np.asarray(targets)
+    counts = np.asarray(class_counts, dtype=np.float64)
+    n_old = len(counts)
+    if z.ndim != 2 or not 0 < n_old <= z.shape[1]:
+        raise ValueError(f"need logits [n, classes] with 0 < len(class_counts) <= classes, got shape "
+                         f"{tuple(z.shape)} and {n_old} class counts")
+    if len(z) == 0 or len(y) != len(z):
+        raise ValueError(f"need held-out known-class images with one target each to choose τ on, got "
+                         f"{len(z)} rows and {len(y)} targets: hold some out (make_protocol.val_per_class) "
+                         "or turn the adjustment off (lifecycle.logit_adjustment = False)")
+    if (counts <= 0).any():
+        raise ValueError(f"every known class needs a training count > 0 for its log-prior, "
+                         f"got {counts.tolist()}")
+    if y.min() < 0 or y.max() >= n_old:
+        raise ValueError(f"held-out targets must be known classes 0..{n_old - 1}, got {y.min()}..{y.max()}")
+    if len(taus) == 0 or min(taus) < 0:
+        raise ValueError(f"taus must be a non-empty grid of τ ≥ 0, got {list(taus)}")
+    prior = np.log(counts) - np.log(counts).mean()
+    present = np.unique(y)
+
+    def accuracy(tau: float) -> float:
+        shifted = z.clone()
+        shifted[:, :n_old] -= torch.as_tensor(tau * prior)
+        return float(per_class_accuracy(y, shifted.argmax(1).numpy(), present).mean())
+
+    grid = sorted(float(t) for t in taus)
+    measured = [accuracy(t) for t in grid]
+    best = int(np.argmax(measured))  # the smallest of equal scores
+    return (grid[best] * prior).astype(np.float32), {
+        "tau": grid[best], "taus": grid, "held_out": measured, "held_out_before": accuracy(0.0),
+        "images": len(z), "classes": len(present)}
 
 
 @torch.no_grad()

@@ -21,6 +21,10 @@ def _lifecycle_rows(m: dict) -> list[tuple[str, str]]:
         ("held-out known images claimed by new outputs (%)",
          f"{_pct(offset['claimed_before'])} → {_pct(offset['claimed_after'])} "
          f"(lowered by {', '.join(f'{x:.3g}' for x in offset['offset'])})")]
+    adjusted = m.get("logit_adjustment")
+    adjustment = [] if not adjusted else [
+        ("known classes' logit adjustment τ (held-out accuracy, %)",
+         f"{adjusted['tau']:g} ({_pct(adjusted['held_out_before'])} → {_pct(max(adjusted['held_out']))})")]
     return [
         ("test accuracy, all classes (%)", _pct(test["all"])),
         ("test accuracy, old classes (%)", _pct(test["old"])),
@@ -33,6 +37,7 @@ def _lifecycle_rows(m: dict) -> list[tuple[str, str]]:
          f"{m['pool']['size']} / {_pct(m['pool']['precision'])} / {_pct(m['pool']['recall'])}"),
         ("pool clustering accuracy all / new (%)",
          f"{_pct(m['pool_clustering']['all'])} / {_pct(m['pool_clustering']['new'])}"),
+        *adjustment,
         *lowered,
     ]
 

@@ -15,7 +15,7 @@ from components.scores import max_softmax
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.handlers import RunDir
-from graphs.lifecycle import _lower_discovered
+from graphs.lifecycle import _adjust_known, _lower_discovered
 from graphs.online import online
 from graphs.train import adapt, distill, train
 
@@ -311,6 +311,34 @@ def test_torch_compile_is_an_option_of_every_training_graph():
     with torch.no_grad():
         predicted = model(BatchAugment().eval()(images.images)).argmax(1)
     assert (predicted == images.targets).float().mean() > 0.6
+
+
+def test_adjust_known_shifts_the_known_outputs_by_the_tau_the_held_out_images_choose(tmp_path):
+    """The lifecycle's logit adjustment: a student biased towards its head class (class 0, 1,000
+    labeled images against 1 and 1) gets the τ · centred log-prior shift the held-out images
+    choose, through the known outputs' biases only (weights and the discovered outputs stay),
+    and the adjusted model is saved. Without held-out images the student stays and the run
+    says why."""
+    student = _net(classes=5)  # 3 known classes, 2 discovered (never taught)
+    train(student, _images(48), BatchAugment(), CPU, epochs=15, batch_size=16, optimizer=_sgd)
+    val = _images(seed=1)
+    with torch.no_grad():
+        student.classifier.bias[0] += 8.0  # a bit more than τ = 1 takes off class 0 against 1 and 2
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cache, run_dir = FeatureCache(root=tmp_path / "cache"), RunDir(tmp_path / "run")
+    protocol = type("Protocol", (), {"val": val, "n_old": 3, "train_counts": [1000, 1, 1]})()
+    notes = []
+    entry = _adjust_known(run_dir, student, protocol, BatchAugment(), cache, CPU, notes)
+    assert entry["tau"] > 0 and max(entry["held_out"]) > entry["held_out_before"] and not notes
+    shift = before["classifier.bias"] - student.state_dict()["classifier.bias"]
+    prior = np.log([1000, 1, 1]) - np.log([1000, 1, 1]).mean()
+    assert shift[:3].tolist() == pytest.approx((entry["tau"] * prior).tolist(), abs=1e-5)
+    assert torch.equal(shift[3:], torch.zeros(2))
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items() if k != "classifier.bias")
+    assert [p.name.split("_")[0] for p in (tmp_path / "run" / "checkpoints").glob("*.pt")] == ["adjusted"]
+    protocol.val = None
+    assert _adjust_known(run_dir, student, protocol, BatchAugment(), cache, CPU, notes) is None
+    assert "no held-out known-class images" in notes[0]
 
 
 def test_lower_discovered_bounds_what_the_new_outputs_claim_of_held_out_images(tmp_path):

@@ -31,6 +31,7 @@ from components.recalibration import (
     WeightScaled,
     counterfactual,
     discovered_offset,
+    known_prior_adjustment,
     select_on_validation,
 )
 from components.run import CONFIG_ERROR, main
@@ -336,6 +337,49 @@ def test_discovered_offset_lowers_the_new_outputs_until_they_claim_the_share_ask
         discovered_offset(logits, n_old + 3, 0.1, per_output=per_output)
     with pytest.raises(ValueError, match="no bias"):
         CosineLinear(8, 6).lower(n_old, 1.0)
+
+
+def test_known_prior_adjustment_chooses_tau_on_held_out_images_and_shifts_only_the_known_classes():
+    """Menon et al.'s post-hoc adjustment on a grown classifier: a classifier whose known-class
+    logits carry the training log-prior (head 400 images, tail 4) under-predicts the tail on
+    balanced held-out images; the τ chosen there removes that, as a centred shift (head down,
+    tail up by as much) of the known outputs only. Logits without a prior keep τ = 0 (ties go to
+    the smaller τ), and a held-out image a discovered output takes counts as wrong."""
+    g = torch.Generator().manual_seed(0)
+    counts = [400, 40, 4]
+    y = torch.arange(300) % 3
+    signal = 2.0 * F.one_hot(y, 4).float() + 0.5 * torch.randn(300, 4, generator=g)
+    signal[:, 3] -= 10.0  # the discovered output (3) takes no held-out image
+    prior = torch.log(torch.tensor(counts, dtype=torch.float))
+    biased = signal.clone()
+    biased[:, :3] += prior
+    offsets, entry = known_prior_adjustment(biased, y, counts)
+    assert 0.5 <= entry["tau"] <= 1.0 and entry["taus"][0] == 0.0 and entry["taus"][-1] == 1.0
+    assert max(entry["held_out"]) > entry["held_out_before"] + 0.2  # the tail class comes back
+    assert entry["held_out"][entry["taus"].index(entry["tau"])] == max(entry["held_out"])
+    centred = (prior - prior.mean()).numpy()
+    assert offsets.shape == (3,) and offsets == pytest.approx(entry["tau"] * centred, abs=1e-6)
+    assert offsets.sum() == pytest.approx(0.0, abs=1e-5) and offsets[0] > 0 > offsets[2]
+    adjusted = biased.clone()
+    adjusted[:, :3] -= torch.as_tensor(offsets)
+    tail = y == 2
+    assert (adjusted.argmax(1)[tail] == 2).float().mean() > (biased.argmax(1)[tail] == 2).float().mean() + 0.5
+    # no prior and no noise in the logits: every held-out image is right at τ = 0, which is kept
+    clean = 3.0 * F.one_hot(y, 4).float()
+    offsets, entry = known_prior_adjustment(clean, y, counts)
+    assert entry["tau"] == 0.0 and entry["held_out_before"] == 1.0 and not offsets.any()
+    # a discovered output that takes the tail's images: wrong for the held-out accuracy
+    taken = clean.clone()
+    taken[tail, 3] = 10.0
+    assert known_prior_adjustment(taken, y, counts)[1]["held_out_before"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="held-out known-class images"):
+        known_prior_adjustment(biased[:0], y[:0], counts)
+    with pytest.raises(ValueError, match="known classes 0..2"):
+        known_prior_adjustment(biased, y + 1, counts)
+    with pytest.raises(ValueError, match="training count > 0"):
+        known_prior_adjustment(biased, y, [400, 0, 4])
+    with pytest.raises(ValueError, match="τ ≥ 0"):
+        known_prior_adjustment(biased, y, counts, taus=[])
 
 
 def test_lws_starts_as_the_classifier_and_learns_only_scales():

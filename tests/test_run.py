@@ -96,8 +96,9 @@ def test_whole_loop_on_digits(tmp_path):
     checkpoints = {c.name.split("_")[0]: c for c in (run_dir / "checkpoints").glob("*.pt")}
     assert metrics["consolidation"] is None  # off by default since refine ('new') replaced it
     assert metrics["pseudo_labels"]["not_pooled"]["new"] > 0  # refine taught seen samples too
-    assert sorted(checkpoints) == ["student", "teacher"]
-    for name, outputs in (("student", 10), ("consolidated", 10), ("teacher", 7)):  # 7 old + 3 found
+    adjusted = ["adjusted"] if metrics["logit_adjustment"]["tau"] > 0 else []  # the held-out images decide
+    assert sorted(checkpoints) == [*adjusted, "student", "teacher"]
+    for name, outputs in (("student", 10), ("adjusted", 10), ("teacher", 7)):  # 7 old + 3 found
         if name in checkpoints:
             assert torch.load(checkpoints[name], weights_only=True)["classifier.weight"].shape[0] == outputs
 
@@ -115,8 +116,9 @@ def test_consolidation_relabels_what_the_student_assigns_and_goes_through_the_ga
     assert sum(o["size"] for o in entry["outputs"]) <= entry["candidates"]
     assert entry["decision"] in ("promoted", "kept") and "held-out" in entry["why"]
     names = sorted(c.name.split("_")[0] for c in (run_dir / "checkpoints").glob("*.pt"))
-    assert names == (["consolidated", "student", "teacher"] if entry["decision"] == "promoted"
-                     else ["student", "teacher"])
+    adjusted = ["adjusted"] if metrics["logit_adjustment"]["tau"] > 0 else []
+    assert names == [*adjusted, *(["consolidated"] if entry["decision"] == "promoted" else []),
+                     "student", "teacher"]
 
 
 def test_swaps_are_bindings(tmp_path):
@@ -308,7 +310,8 @@ def test_report_links_plots_that_exist(tmp_path):
 def test_refine_teaches_seen_samples_outside_the_pool(tmp_path, refine):
     """With ``lifecycle.refine`` the pool's clusters are refined on the whole seen stream, and
     its samples in new clusters (``"new"``) or in every cluster (``"all"``) are taught too;
-    without, only pooled samples are. (The runs also check ``lifecycle.claim_rate``.)"""
+    without, only pooled samples are. (The runs also check ``lifecycle.claim_rate`` and the
+    default ``lifecycle.logit_adjustment``.)"""
     code, run_dir = _run(tmp_path, *SHORT, "lifecycle.representation = None", "distill.epochs = 2",
                          "lifecycle.consolidate = False", f"lifecycle.refine = {refine!r}",
                          "lifecycle.claim_rate = 0.0")
@@ -321,7 +324,14 @@ def test_refine_teaches_seen_samples_outside_the_pool(tmp_path, refine):
     assert entry["rate"] == 0.0 and entry["claimed_after"] == 0.0 and entry["images"] > 0
     checkpoints = {c.name.split("_")[0] for c in (run_dir / "checkpoints").glob("*.pt")}
     assert ("offset" in checkpoints) == (max(entry["offset"]) > 0)
-    assert "held-out known images claimed by new outputs" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "held-out known images claimed by new outputs" in report
+    # the known classes' logit adjustment (on by default) ran first, chose its τ on the
+    # held-out images and says so (what it does to the classifier: tests/test_graphs.py)
+    adjusted = metrics["logit_adjustment"]
+    assert adjusted["tau"] in adjusted["taus"] and adjusted["images"] == entry["images"]
+    assert ("adjusted" in checkpoints) == (adjusted["tau"] > 0)
+    assert f"| known classes' logit adjustment τ (held-out accuracy, %) | {adjusted['tau']:g} (" in report
     taught = metrics["pseudo_labels"]
     assert 0 < taught["pooled"] <= metrics["pool"]["size"]
     outside = taught["not_pooled"]

@@ -111,8 +111,8 @@ class GrowingLinear(nn.Module):
         says by how much)."""
         if self.bias is None:
             raise ValueError(f"{type(self).__name__} has no bias to lower its outputs {start}.. by: "
-                             "use a classifier with a bias (GrowingLinear) or turn the offset off "
-                             "(lifecycle.claim_rate = None)")
+                             "use a classifier with a bias (GrowingLinear) or turn off what shifts "
+                             "its logits (lifecycle.claim_rate = None, lifecycle.logit_adjustment = False)")
         if not 0 <= start <= self.out_features:
             raise ValueError(f"start must be in [0, {self.out_features}], got {start}")
         self.bias[start:] -= torch.as_tensor(delta, dtype=self.bias.dtype, device=self.bias.device)
