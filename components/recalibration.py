@@ -148,7 +148,9 @@ def discovered_offset(logits: torch.Tensor, n_old: int, rate: float,
             j = int(torch.bincount(predicted[claimed]).argmax())  # the output claiming the most
             rows = lowered[predicted == j]
             rival = torch.cat([rows[:, :j], rows[:, j + 1:]], 1).max(1).values
-            offsets[j - n_old] += nudge((rows[:, j] - rival).min())
+            # at least 1e-3 a step: an image that two discovered outputs both claim, nearly tied,
+            # would otherwise pass between them a hair at a time (tens of thousands of steps)
+            offsets[j - n_old] += torch.clamp_min(nudge((rows[:, j] - rival).min()), 1e-3)
     applied = given.clone()
     applied[:, n_old:] -= offsets.to(given.dtype)
 
