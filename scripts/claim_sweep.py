@@ -6,16 +6,19 @@ choosing the default on a suite, never part of a run.
 
     python scripts/claim_sweep.py runs/suite-fmnist/*/ --rates 0.01 0.02 0.03
 
-``--gain`` adds a row where each discovered output is lowered as far as maximises the held-out
-known-class accuracy (a variant that lost, docs/loop.md). ``--explain RATE`` prints, per run,
-each discovered output's per-output offset at that rate, the true class the test's one
-Hungarian assignment gives it (what "old" and "new" accuracy credit it for), and the held-out
-images it claims by class, with that class's labeled count.
+``--adjust`` first applies the known classes' logit adjustment that the loop applies by default
+before any offset (``lifecycle.logit_adjustment``; without it the rows are those of the runs
+made before that default, the fourth session of 2026-11-29). ``--gain`` adds a row where each
+discovered output is lowered as far as maximises the held-out known-class accuracy (a variant
+that lost, docs/loop.md). ``--explain RATE`` prints, per run, each discovered output's
+per-output offset at that rate, the true class the test's one Hungarian assignment gives it
+(what "old" and "new" accuracy credit it for), and the held-out images it claims by class, with
+that class's labeled count.
 
 Each run folder needs its ``operative_config.gin``, ``metrics.json`` and checkpoints (a run of
-``gin/distill.gin`` or ``gin/distill_fmnist.gin``; a run that already lowered its outputs is
-measured from the student before the offset). Prints each run's line, then per rate the mean
-± std test accuracy (all / old / new, %) over the runs, the worst run's new and, for suite runs
+``gin/distill.gin`` or ``gin/distill_fmnist.gin``; a run that already lowered or adjusted its
+outputs is measured from the student before both). Prints each run's line, then per rate the
+mean ± std test accuracy (all / old / new, %) over the runs, the worst run's new and, for suite runs
 (``…-ratio<R>-…`` folders), all / new / worst new per ratio.
 """
 
@@ -36,7 +39,7 @@ import components.run  # noqa: F401
 import graphs  # noqa: F401
 from components.gin_files import resolve
 from components.metrics import hungarian_mapping
-from components.recalibration import discovered_offset
+from components.recalibration import discovered_offset, known_prior_adjustment
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.handlers import load_checkpoint
@@ -83,11 +86,25 @@ def _load(folder: Path):
         encode(net, protocol.test, augment, cache, device), k_new
 
 
-def sweep(folder: Path, rates: list[float], gain: bool = False, explain: float | None = None):
+def adjust(protocol, val: dict, test: dict) -> float:
+    """Apply the loop's known-class logit adjustment (``lifecycle.logit_adjustment``, τ chosen on
+    the held-out images) to ``val`` and ``test`` logits in place; returns τ."""
+    n_old = protocol.n_old
+    offsets, entry = known_prior_adjustment(val["logits"], val["targets"], protocol.train_counts[:n_old])
+    for outputs in (val, test):
+        outputs["logits"] = outputs["logits"].copy()
+        outputs["logits"][:, :n_old] -= offsets
+    return entry["tau"]
+
+
+def sweep(folder: Path, rates: list[float], gain: bool = False, explain: float | None = None,
+          adjusted: bool = False):
     loaded = _load(folder)
     if loaded is None:
         return None
     protocol, val, test, k_new = loaded
+    if adjusted:
+        adjust(protocol, val, test)
     n_old, held_out = protocol.n_old, torch.as_tensor(val["logits"])
     variants = {"none": np.zeros(k_new)}
     for rate in rates:
@@ -121,13 +138,15 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.02, 0.03])
     parser.add_argument("--gain", action="store_true", help="add the accuracy-maximising variant")
+    parser.add_argument("--adjust", action="store_true", help="first apply the known classes' logit "
+                        "adjustment, as the loop does by default (lifecycle.logit_adjustment)")
     parser.add_argument("--explain", type=float, metavar="RATE", help="print each output's offset, "
                         "test assignment and held-out claims at this per-output rate")
     args = parser.parse_args()
     table: dict[str, list[dict]] = {}
     for folder in args.runs:
         print(folder)
-        result = sweep(folder, args.rates, args.gain, args.explain)
+        result = sweep(folder, args.rates, args.gain, args.explain, args.adjust)
         if result is None:
             print("  nothing discovered, skipped")
             continue
@@ -137,8 +156,15 @@ def main() -> None:
         ratio = re.search(r"ratio(\d+)", folder.name)
         for r, v in result.items():
             table.setdefault(r, []).append(v | {"ratio": ratio and int(ratio.group(1))})
-    print("rate       all          old          new          worst new   (mean ± std over runs, %; "
-          "'each': per output; per ratio: all / new / worst new)")
+    print("('each': one offset per output)")
+    summarize(table, "rate")
+
+
+def summarize(table: dict[str, list[dict]], label: str) -> None:
+    """Per row of ``table`` (a variant: its runs' all / old / new and suite ratio), the mean ± std
+    over the runs, the worst run's new and all / new / worst new per ratio."""
+    print(f"{label:<10} all          old          new          worst new   (mean ± std over runs, %; "
+          "per ratio: all / new / worst new)")
     for r, values in table.items():
         stats = {k: (np.mean([v[k] for v in values]), np.std([v[k] for v in values]))
                  for k in ("all", "old", "new")}
@@ -150,6 +176,7 @@ def main() -> None:
             f"{min(v['new'] for v in values if v['ratio'] == q):.1f}" for q in ratios)
         print(f"{r:<10} " + " ".join(f"{m:.1f} ± {d:.1f}".ljust(12) for m, d in stats.values())
               + f" {worst:.1f}   {by_ratio}")
+
 
 if __name__ == "__main__":
     main()
