@@ -7,9 +7,11 @@ tuning tool for choosing the default on a suite, never part of a run.
 
     python scripts/adjust_sweep.py runs/suite-fmnist/*/ --taus 0.5 1.0
 
-``--confusion`` also prints, as distilled and adjusted, how many test images of each class
-(columns, in the protocol's order) each output predicts (rows), and the output → class
-assignment the test's one Hungarian matching makes (what "old" and "new" accuracy credit).
+``--per-class`` prints each known class's test accuracy (images predicted as their own class)
+as distilled and adjusted. ``--confusion`` prints, as distilled and adjusted, how many test
+images of each class (columns, in the protocol's order) each output predicts (rows), and the
+output → class assignment the test's one Hungarian matching makes (what "old" and "new"
+accuracy credit).
 
 Prints each run's line (the τ chosen, held-out accuracy before → after, test all / old / new per
 row), then per row the mean ± std over the runs, the worst run's new and, for suite runs, all /
@@ -30,7 +32,8 @@ from components.recalibration import known_prior_adjustment
 from graphs.evaluate import evaluate
 
 
-def sweep(folder: Path, taus: list[float], confusion: bool = False) -> tuple[dict, dict] | None:
+def sweep(folder: Path, taus: list[float], confusion: bool = False,
+          per_class: bool = False) -> tuple[dict, dict] | None:
     loaded = _load(folder)
     if loaded is None:
         return None
@@ -38,10 +41,9 @@ def sweep(folder: Path, taus: list[float], confusion: bool = False) -> tuple[dic
     n_old = protocol.n_old
     counts = protocol.train_counts[:n_old]
     offsets, entry = known_prior_adjustment(val["logits"], val["targets"], counts)
-    prior = np.log(np.asarray(counts, dtype=np.float64))
-    prior = (prior - prior.mean()).astype(np.float32)
     rows = {"distilled": np.zeros(n_old, np.float32), "held-out τ": offsets}
-    rows |= {f"τ = {t:g}": t * prior for t in taus}
+    rows |= {f"τ = {t:g}": known_prior_adjustment(val["logits"], val["targets"], counts, taus=[t])[0]
+             for t in taus}  # a grid of one: that τ's offsets
     out = {}
     for name, shift in rows.items():
         logits = test["logits"].copy()
@@ -49,6 +51,12 @@ def sweep(folder: Path, taus: list[float], confusion: bool = False) -> tuple[dic
         accuracy = evaluate({"logits": logits, "targets": test["targets"]}, n_old,
                             protocol.train_counts)["accuracy"]
         out[name] = {k: 100 * accuracy[k] for k in ("all", "old", "new")}
+        if name == "held-out τ" and per_class:
+            adjusted, before = logits.argmax(1), test["logits"].argmax(1)
+            print("  per class, test images predicted as their own class, distilled → adjusted: " + "; ".join(
+                f"{protocol.class_names[c]} ({protocol.train_counts[c]} labeled) "
+                f"{100 * (before[test['targets'] == c] == c).mean():.0f} → "
+                f"{100 * (adjusted[test['targets'] == c] == c).mean():.0f} %" for c in range(n_old)))
         if confusion and name in ("distilled", "held-out τ"):
             predicted, truth = logits.argmax(1), test["targets"]
             counts = np.zeros((logits.shape[1], protocol.n_old + protocol.n_new), int)
@@ -66,11 +74,13 @@ def main() -> None:
                         help="fixed τ to measure beside the one chosen on held-out images")
     parser.add_argument("--confusion", action="store_true",
                         help="print the test confusion counts and assignment, distilled and adjusted")
+    parser.add_argument("--per-class", action="store_true",
+                        help="print each known class's test accuracy, distilled and adjusted")
     args = parser.parse_args()
     table: dict[str, list[dict]] = {}
     for folder in args.runs:
         print(folder)
-        result = sweep(folder, args.taus, args.confusion)
+        result = sweep(folder, args.taus, args.confusion, args.per_class)
         if result is None:
             print("  nothing discovered, skipped")
             continue
