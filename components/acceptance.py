@@ -15,6 +15,12 @@ be undone, so :class:`ClusterAcceptance` keeps a cluster only when it is
   mean than ``min_separation`` times that class's radius (the mean distance of its labeled
   samples to their mean; the median radius for a class with fewer than ``min_size`` of them,
   whose own radius is noise), so it is not the fringe of a class the model already has;
+* **not inside a known class's territory**, when ``min_spread`` is set: that distance is at least
+  ``min_spread`` times the median distance between neighbouring known-class means. A class
+  with a handful of labeled images has a radius measured on images the model was trained on,
+  so its radius understates how far its unseen samples spread; the stream samples the model is
+  unsure of then form a cluster one or two of those radii away, which the test above accepts.
+  The distance between known classes does not shrink with a class's label count;
 * **in the known classes' domain**, when ``max_separation`` is set: not farther than
   ``max_separation`` times the median distance between neighbouring known-class means, so a
   cloud of noise or of another dataset's images, far from everything known, is not a class;
@@ -89,17 +95,19 @@ class ClusterAcceptance:
     ``x_u[index]`` again (the same procedure, or the same number of clusters)."""
 
     def __init__(self, min_size: int = 10, min_stability: float = 0.5, min_separation: float = 1.0,
-                 max_separation: float | None = None, min_tightness: float = 0.0, merge: bool = True,
-                 resamples: int = 5, fraction: float = 0.8, seed: int = 0) -> None:
+                 max_separation: float | None = None, min_tightness: float = 0.0, min_spread: float = 0.0,
+                 merge: bool = True, resamples: int = 5, fraction: float = 0.8, seed: int = 0) -> None:
         if min_size < 1 or not 0 <= min_stability <= 1 or min_separation < 0 or resamples < 1:
             raise ValueError(f"need min_size >= 1, 0 <= min_stability <= 1, min_separation >= 0 and "
                              f"resamples >= 1, got {min_size}, {min_stability}, {min_separation}, "
                              f"{resamples}")
+        if min_spread < 0 or (max_separation is not None and max_separation <= min_spread):
+            raise ValueError(f"need 0 <= min_spread < max_separation, got {min_spread} and {max_separation}")
         if not 0 < fraction < 1:
             raise ValueError(f"the subsample fraction must be in (0, 1), got {fraction}")
         self.min_size, self.min_stability = min_size, min_stability
         self.min_separation, self.max_separation = min_separation, max_separation
-        self.min_tightness, self.merge = min_tightness, merge
+        self.min_tightness, self.min_spread, self.merge = min_tightness, min_spread, merge
         self.resamples, self.fraction, self.seed = resamples, fraction, seed
 
     def __call__(self, result: KMeansResult, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
@@ -135,6 +143,9 @@ class ClusterAcceptance:
                 reasons.append(f"stability {stability[i]:.2f} below {self.min_stability}")
             if separation < self.min_separation:
                 reasons.append(f"within {separation:.2f} radii of known class {nearest}")
+            if spread < self.min_spread:
+                reasons.append(f"{spread:.2f} of the distance between neighbouring known classes from known "
+                               f"class {nearest}: inside its territory")
             if self.max_separation is not None and spread > self.max_separation:
                 reasons.append(f"{spread:.1f} times farther than known classes are from each other: "
                                "outside their domain")

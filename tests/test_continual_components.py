@@ -221,6 +221,33 @@ def test_acceptance_rejects_an_off_domain_cloud_when_asked():
     assert "outside their domain" in verdicts[1].reasons[-1]
 
 
+def test_acceptance_min_spread_rejects_a_rare_class_lookalike_that_its_tight_radius_lets_through():
+    """A rare known class whose few labeled samples the model fits tightly has a small radius;
+    its unseen samples form a cluster a few such radii away, yet deep inside its territory."""
+    x_l, y_l, x_new, y_new = _anchored_blobs()
+    rng = np.random.default_rng(0)
+    centre = x_l[y_l == 0].mean(0)
+    rare = centre + rng.normal(0, 0.05, (12, 8)).astype(np.float32)  # 12 tight labeled samples
+    x_l = np.concatenate([rare, x_l[y_l != 0]])
+    y_l = np.concatenate([np.zeros(12, y_l.dtype), y_l[y_l != 0]])
+    offset = np.zeros(8, np.float32)
+    offset[0] = 1.5  # ~10 of its radii away, well within the gap to the other classes
+    lookalikes = centre + offset + rng.normal(0, 0.3, (30, 8)).astype(np.float32)
+    pool = np.concatenate([x_new[y_new == 3], lookalikes])
+    labeler = SemiSupervisedKMeans(k_new=2, normalize=False, n_init=2)
+    result = labeler.cluster(pool, x_l, y_l, 3, 2, seeds=np.stack([pool[:60].mean(0), lookalikes.mean(0)]))
+    fixed = lambda idx: result.labels[idx]  # noqa: E731
+    loose = ClusterAcceptance(min_size=10, min_stability=0.0)(result, pool, x_l, y_l, 3, fixed)
+    assert [v.accepted for v in loose] == [True, True]  # separation in radii alone lets it in
+    assert loose[1].separation > 5 and loose[1].spread < 0.35 < loose[0].spread
+    strict_rule = ClusterAcceptance(min_size=10, min_stability=0.0, min_spread=0.35)
+    strict = strict_rule(result, pool, x_l, y_l, 3, fixed)
+    assert [v.accepted for v in strict] == [True, False]
+    assert "inside its territory" in strict[1].reasons[-1] and "known class 0" in strict[1].reasons[-1]
+    with pytest.raises(ValueError, match="min_spread"):
+        ClusterAcceptance(min_spread=2.0, max_separation=1.5)
+
+
 # ------------------------------------------------------------------------------- the gate
 
 
