@@ -73,6 +73,14 @@ class ExemplarMemory:
         for c in self._keys:
             self._keys[c] = self._keys[c][:share]
 
+    def keep_classes(self, order: list[int]) -> None:
+        """Keep only the classes ``order``, class ``order[j]`` becoming class ``j`` (a classifier
+        that dropped outputs, :meth:`Network.keep_outputs`); their exemplars are unchanged."""
+        order = list(order)
+        if len(set(order)) != len(order) or not set(order) <= set(self._keys):
+            raise ValueError(f"keep_classes needs distinct stored classes {self.classes()}, got {order}")
+        self._keys = {j: self._keys[c] for j, c in enumerate(order)}
+
     def classes(self) -> list[int]:
         return sorted(self._keys)
 

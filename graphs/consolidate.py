@@ -9,6 +9,13 @@ samples with (Hungarian), and distills a student on the labeled images plus thes
 student's teacher speaks for the labeled classes only: its discovered outputs are what is being
 relabeled, and distilling them would teach the old labels again.
 
+With ``min_stability`` > 0 each new cluster's clusterwise Jaccard stability (Hennig 2007, the
+rounds' acceptance test: the candidates subsampled and relabeled again, same k) is measured,
+and the outputs whose cluster dissolves (below ``min_stability``) are dropped from the student:
+with k fixed at the number of outputs, an output that duplicates a class or holds a rare old
+class's look-alikes leaves a cluster of leftovers (distractors, a class's fringe) that no
+resampling finds again.
+
 The continual loop runs it once at the stream's end (``continual.consolidate``), the
 single-round loop after its distillation (``lifecycle.consolidate``); docs/loop.md and
 docs/suite.md measure both.
@@ -25,6 +32,7 @@ from ignite.engine import Engine
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from components.acceptance import jaccard_stability
 from components.cache import FeatureCache
 from components.data import ImageSet, concat_images, take_images
 from components.kmeans import confident
@@ -51,16 +59,20 @@ class FirstOutputs(nn.Module):
 def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream: ImageSet, n_old: int,
                 names: list[str], augment: nn.Module, cache: FeatureCache, device: torch.device,
                 labeler: Callable, representation: Callable | None, cluster_on: str,
-                keep_fraction: float = 1.0) -> tuple[nn.Module | None, dict, Engine | None]:
+                keep_fraction: float = 1.0, min_stability: float = 0.0, resamples: int = 5,
+                fraction: float = 0.8, seed: int = 0) -> tuple[nn.Module | None, dict, Engine | None]:
     """Relabel ``model``'s discovered outputs (``n_old`` and up, named by ``names``) from the
     ``stream`` samples it assigns to them and distill a student on ``labeled`` (classes below
     ``n_old``) plus those labels, with ``teacher`` (first ``n_old`` outputs) for the labeled
     classes.
 
     Returns ``(student, entry, engine)``: ``entry`` has the number of candidates and, when a
-    student was made, ``ids`` (stream rows) and ``targets`` (their outputs); ``engine`` is the
-    distillation's (for a checkpoint). With fewer than two candidates per discovered class the
-    student and engine are None and ``entry["decision"]`` says why."""
+    student was made, ``ids`` (stream rows) and ``targets`` (their outputs, numbered as in the
+    student); ``engine`` is the distillation's (for a checkpoint). With ``min_stability`` > 0,
+    ``entry["stability"]`` maps each discovered output to its cluster's stability, and
+    ``entry["kept"]`` lists the outputs the student keeps (output ``kept[j]`` is its output
+    ``n_old + j``; the others are dropped). With fewer than two candidates per discovered class,
+    or no stable cluster, the student and engine are None and ``entry["decision"]`` says why."""
     logits = encode(model, stream, augment, cache, device)["logits"]
     predicted, k = logits.argmax(1), logits.shape[1] - n_old  # k: the discovered outputs
     ids = np.flatnonzero(predicted >= n_old)
@@ -85,14 +97,39 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     np.add.at(counts, (result.labels[new] - n_old, predicted[ids][new] - n_old), 1)
     rows, cols = linear_sum_assignment(-counts)
     output = dict(zip(rows + n_old, cols + n_old, strict=True))
+    kept = list(range(n_old, n_old + k))
+    if min_stability > 0:  # the rounds' stability test, on the relabeled clusters
+        entry["stability"] = output_stability(result.labels, output, on_u[cluster_on], on_l[cluster_on],
+                                              on_l["targets"], n_old, relabeler, resamples, fraction, seed)
+        kept = sorted(o for o, v in entry["stability"].items() if v >= min_stability)
+        entry["kept"] = kept
+        if not kept:
+            entry["decision"] = f"every relabeled cluster dissolved (stability below {min_stability})"
+            return None, entry, None
+    renumber = {o: n_old + j for j, o in enumerate(kept)}
     keep = confident(result, keep_fraction, first=n_old) & new
+    keep[keep] = np.isin([output[c] for c in result.labels[keep]], kept)
     entry["ids"] = ids[keep]
-    entry["targets"] = np.array([output[c] for c in result.labels[keep]], dtype=np.int64)
+    entry["targets"] = np.array([renumber[output[c]] for c in result.labels[keep]], dtype=np.int64)
+    if len(kept) < k:  # the student has only the kept outputs (the teacher speaks for the labeled ones)
+        learner.keep_outputs(list(range(n_old)) + kept)
     taught = ImageSet(concat_images([labeled.images, take_images(stream.images, entry["ids"])]),
                       torch.cat([labeled.targets, torch.from_numpy(entry["targets"])]),
-                      list(names), f"{stream.name}/labeled+relabeled")
+                      list(names[:n_old]) + [names[o] for o in kept], f"{stream.name}/labeled+relabeled")
     engine = distill(learner, FirstOutputs(teacher, n_old), taught, augment, device)
     return learner, entry, engine
 
 
-__all__ = ["FirstOutputs", "consolidate"]
+def output_stability(labels: np.ndarray, output: dict[int, int], x_u: np.ndarray, x_l: np.ndarray,
+                     y_l: np.ndarray, n_old: int, labeler: Callable, resamples: int = 5,
+                     fraction: float = 0.8, seed: int = 0) -> dict[int, float]:
+    """Each output's stability: the clusterwise Jaccard stability (Hennig 2007) of the new
+    cluster ``c`` it was given (``output[c]``), ``labels`` being ``labeler``'s clustering of
+    ``x_u`` anchored by ``x_l`` / ``y_l``, re-run on ``resamples`` subsamples of ``fraction``."""
+    clusters = sorted(output)
+    stability = jaccard_stability(labels, clusters, lambda index: labeler(x_u[index], x_l, y_l, n_old).labels,
+                                  resamples, fraction, np.random.default_rng(seed))
+    return {int(output[c]): float(v) for c, v in zip(clusters, stability, strict=True)}
+
+
+__all__ = ["FirstOutputs", "consolidate", "output_stability"]

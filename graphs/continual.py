@@ -145,6 +145,7 @@ def continual(
     pool_age: int = 2,
     max_rounds: int = 30,
     consolidate: bool = True,
+    consolidation_stability: bool = True,
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -154,7 +155,7 @@ def continual(
         ExemplarMemory() if memory is None else memory, ClusterAcceptance() if accept is None else accept,
         PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
-        max_rounds, seed, consolidate)
+        max_rounds, seed, consolidate, consolidation_stability)
     return loop.run()
 
 
@@ -166,12 +167,14 @@ class ContinualLoop:
     for ``accept`` to measure stability); ``cluster_on`` picks ``"projected"`` or ``"features"``;
     ``keep_fraction`` of each accepted cluster (nearest its centroid) become pseudo-labels;
     ``pool_age`` is how many rounds a rejected sample may wait in the pool; ``consolidate``
-    relabels the discovered classes at the stream's end (:meth:`_consolidate`).
+    relabels the discovered classes at the stream's end (:meth:`_consolidate`), and with
+    ``consolidation_stability`` drops the outputs whose relabeled cluster fails ``accept``'s
+    stability test.
     """
 
     def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
-                 pool_age, max_rounds, seed, consolidate) -> None:
+                 pool_age, max_rounds, seed, consolidate, consolidation_stability=False) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if not 0 < keep_fraction <= 1:
@@ -189,7 +192,7 @@ class ContinualLoop:
         self.temperature_scaling, self.representation = temperature_scaling, representation
         self.cluster_on, self.keep_fraction = cluster_on, keep_fraction
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
-        self.consolidate = consolidate
+        self.consolidate, self.consolidation_stability = consolidate, consolidation_stability
         self.device = idist.device()
         self.state = LoopState(pool, memory)
         self._clock = time.perf_counter()
@@ -460,23 +463,37 @@ class ContinualLoop:
         labeled = np.flatnonzero(targets < n_old)
         memory = self._memory_images().subset(labeled, f"{p.name}/labeled-memory")
         names = [c["name"] for c in st.classes]
+        a = self.accept
+        stability = dict(min_stability=a.min_stability, resamples=a.resamples, fraction=a.fraction,
+                         seed=a.seed) if self.consolidation_stability else {}
         student, entry, _ = relabel_discovered(self.model, self.model, memory, p.stream, n_old, names,
                                             self.augment, self.cache, self.device, self.labeler,
-                                            self.representation, self.cluster_on, self.keep_fraction)
+                                            self.representation, self.cluster_on, self.keep_fraction,
+                                            **stability)
         record["consolidation"] = entry
         if student is None:
             return
         pseudo_ids, pseudo_targets = entry.pop("ids"), entry.pop("targets")
+        kept = entry.get("kept", list(range(n_old, n_all)))
         truth = p.stream.targets.numpy()  # for the report only
-        entry["outputs"] = [{"id": c, "size": int((pseudo_targets == c).sum()),
-                             "truth": cluster_truth(truth[pseudo_ids][pseudo_targets == c])}
-                            for c in range(n_old, n_all)]
+        entry["outputs"] = [{"id": n_old + j, "was": o, "size": int((pseudo_targets == n_old + j).sum()),
+                             "truth": cluster_truth(truth[pseudo_ids][pseudo_targets == n_old + j])}
+                            for j, o in enumerate(kept)]
+        entry["dropped_outputs"] = [{"id": o, "name": names[o], "stability": entry["stability"][o]}
+                                    for o in range(n_old, n_all) if o not in kept]
         before, after = self._val_correct(self.model), self._val_correct(student)
         promoted, why = self.gate(before, after)
+        if promoted and entry["dropped_outputs"]:
+            why += "; dropped output(s) " + ", ".join(
+                f"{o['id']} ({o['name']}, stability {o['stability']:.2f})" for o in entry["dropped_outputs"])
         entry["decision"], entry["why"] = ("promoted" if promoted else "kept"), why
         if not promoted:
             return
         self.model = student
+        if len(kept) < n_all - n_old:  # the class table and the memory follow the dropped outputs
+            st.classes = st.classes[:n_old] + [st.classes[o] | {"id": n_old + j} for j, o in enumerate(kept)]
+            st.memory.keep_classes(list(range(n_old)) + kept)
+            n_all = len(st.classes)
         student_features = self._encode(student, p.stream)["features"][pseudo_ids]
         for c in range(n_old, n_all):
             members = pseudo_targets == c
@@ -598,8 +615,8 @@ class ContinualLoop:
         for r in st.rounds:
             if r["promotion"]["decision"] == "promoted":
                 held |= {o["id"]: o for o in r.get("outputs", [])}
-            if r.get("consolidation", {}).get("decision") == "promoted":
-                held |= {o["id"]: o for o in r["consolidation"]["outputs"]}
+            if r.get("consolidation", {}).get("decision") == "promoted":  # it relabels every output
+                held = {o["id"]: o for o in r["consolidation"]["outputs"]}
         promoted = list(held.values())
         matched: dict[int, int] = {}
         for a in promoted:

@@ -82,7 +82,8 @@ def test_consolidation_is_taught_the_labeled_classes_only(finished):
     for (teacher, student), r in zip(TEACHERS, rounds, strict=False):
         # grown by the round's accepted clusters (the gate may have dropped some afterwards)
         assert student == teacher + len(r["outputs"]) + len(r.get("dropped_outputs", []))
-    assert TEACHERS[-1] == (n_old, n_old + m["discovered"])
+    consolidation = m["rounds"][-1]["consolidation"]  # its student keeps only the stable outputs
+    assert TEACHERS[-1] == (n_old, n_old + len(consolidation["outputs"]))
 
 
 def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
@@ -103,7 +104,15 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
     consolidation = rounds[-1]["consolidation"]
     discovered = {c["id"] for c in m["classes"] if c["origin"] != "labeled"}
     assert consolidation["decision"] in ("promoted", "kept")
-    assert [o["id"] for o in consolidation["outputs"]] == sorted(discovered)
+    # every output it was given is kept (renumbered in order) or dropped for an unstable cluster
+    was = [o["was"] for o in consolidation["outputs"]]
+    dropped = [o["id"] for o in consolidation["dropped_outputs"]]
+    assert sorted(was + dropped) == list(range(5, 5 + len(was) + len(dropped))) and was == sorted(was)
+    assert all(consolidation["stability"][str(o)] < 0.5 for o in dropped)  # the acceptance's bound
+    assert all(consolidation["stability"][str(o)] >= 0.5 for o in was)
+    if consolidation["decision"] == "promoted":
+        assert [o["id"] for o in consolidation["outputs"]] == sorted(discovered)
+        assert sorted(discovered) == list(range(5, 5 + len(was)))
     taught = sum(o["size"] for r in rounds if r["promotion"]["decision"] == "promoted"
                  and not r["promotion"]["why"].startswith("consolidation") for o in r.get("outputs", []))
     assert 0 < taught < sum(o["size"] for o in consolidation["outputs"])
@@ -124,10 +133,14 @@ def test_every_version_is_written_once_with_its_lineage(finished):
         table = _strict_json(folder / "classes.json")
         assert table["parent"] == (None if i == 0 else i - 1) and (folder / "model.pt").is_file()
         assert len(table["classes"]) == 5 + sum(c["origin"] != "labeled" for c in table["classes"])
-        # each version holds the labeled classes and every output promoted up to its round
+        # each version holds the labeled classes and every output promoted up to its round, but
+        # those a promoted consolidation dropped (their relabeled clusters dissolved)
         promoted = sum(len(r.get("outputs", [])) for r in m["rounds"]
                        if r["promotion"]["decision"] == "promoted" and r["round"] <= table["round"])
-        assert len(table["classes"]) == 5 + promoted
+        dropped = sum(len(r["consolidation"].get("dropped_outputs", [])) for r in m["rounds"]
+                      if r.get("consolidation", {}).get("decision") == "promoted"
+                      and r["round"] <= table["round"])
+        assert len(table["classes"]) == 5 + promoted - dropped
     final_table = _strict_json(versions[-1] / "classes.json")["classes"]
     assert len(final_table) == 5 + m["discovered"]
     assert all(c["name"].startswith("new-") and c["pseudo_labels"] > 0

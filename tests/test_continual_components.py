@@ -123,6 +123,16 @@ def test_memory_shares_its_budget_and_shrinks_by_herding_order():
     np.testing.assert_array_equal(restored.items()[0], keys)
     with pytest.raises(ValueError, match="no candidate"):
         memory.add_class(2, np.zeros((0, 2), int), np.zeros((0, 4)))
+    # a classifier that dropped output 1 of three: class 2 becomes class 1, its exemplars kept
+    memory.add_class(2, np.stack([np.ones(4, int), 10 + np.arange(4)], 1), rng.normal(size=(4, 4)))
+    before = memory.items()
+    memory.keep_classes([0, 2])
+    keys, targets = memory.items()
+    assert memory.classes() == [0, 1]
+    np.testing.assert_array_equal(keys[targets == 1], before[0][before[1] == 2])
+    np.testing.assert_array_equal(keys[targets == 0], before[0][before[1] == 0])
+    with pytest.raises(ValueError, match="distinct stored classes"):
+        memory.keep_classes([0, 5])
 
 
 # ------------------------------------------------------------------------------- k by density
@@ -246,6 +256,29 @@ def test_acceptance_min_spread_rejects_a_rare_class_lookalike_that_its_tight_rad
     assert "inside its territory" in strict[1].reasons[-1] and "known class 0" in strict[1].reasons[-1]
     with pytest.raises(ValueError, match="min_spread"):
         ClusterAcceptance(min_spread=2.0, max_separation=1.5)
+
+
+def test_consolidation_stability_finds_the_outputs_that_split_a_class():
+    """Consolidation clusters with k fixed at the number of outputs. With one output too many,
+    k-means cuts the widest class in two, in a direction that changes with every subsample: both
+    halves dissolve under resampling (Hennig), while a class that is one cluster stays."""
+    from graphs.consolidate import output_stability
+
+    x_l, y_l = _anchored_blobs()[:2]
+    rng = np.random.default_rng(0)
+    wide = rng.normal(0, 1.5, (120, 8)).astype(np.float32) + 30.0  # one class, round and wide
+    tight = rng.normal(0, 0.5, (40, 8)).astype(np.float32) - 30.0
+    x_new, y_new = np.concatenate([wide, tight]), np.r_[np.zeros(120, int), np.ones(40, int)]
+    labeler = SemiSupervisedKMeans(k_new=3, normalize=False, n_init=2, seed=0)  # 3 outputs, 2 classes
+    result = labeler(x_new, x_l, y_l, n_old=3)
+    output = {3: 6, 4: 5, 5: 7}  # cluster -> output id (one-to-one, as consolidation's Hungarian)
+    stability = output_stability(result.labels, output, x_new, x_l, y_l, 3, labeler, resamples=8)
+    assert set(stability) == {5, 6, 7}
+    whole = [output[c] for c in (3, 4, 5) if (y_new[result.labels == c] == 1).sum() == 40]
+    halves = [o for o in output.values() if o not in whole]
+    assert len(whole) == 1 and len(halves) == 2  # the tight class whole, the wide one cut in two
+    assert stability[whole[0]] == 1.0
+    assert all(stability[o] < 0.5 for o in halves)  # below the loop's bound: those outputs go
 
 
 # ------------------------------------------------------------------------------- the gate
