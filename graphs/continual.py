@@ -174,7 +174,7 @@ class ContinualLoop:
 
     def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
-                 pool_age, max_rounds, seed, consolidate, consolidation_stability=False) -> None:
+                 pool_age, max_rounds, seed, consolidate, consolidation_stability=True) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if not 0 < keep_fraction <= 1:
