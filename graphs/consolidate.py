@@ -11,10 +11,11 @@ relabeled, and distilling them would teach the old labels again.
 
 With ``min_stability`` > 0 each new cluster's clusterwise Jaccard stability (Hennig 2007, the
 rounds' acceptance test: the candidates subsampled and relabeled again, same k) is measured,
-and the outputs whose cluster dissolves (below ``min_stability``) are dropped from the student:
-with k fixed at the number of outputs, an output that duplicates a class or holds a rare old
-class's look-alikes leaves a cluster of leftovers (distractors, a class's fringe) that no
-resampling finds again.
+and while one dissolves (below ``min_stability``) the least stable output is dropped and the
+candidates are clustered again with one cluster fewer: with k fixed at the number of outputs,
+an output that duplicates a class or holds a rare old class's look-alikes leaves a cluster of
+leftovers (distractors, a class's fringe) that no resampling finds again, and a class cut in
+two by one output too many is whole again once that output has gone.
 
 The continual loop runs it once at the stream's end (``continual.consolidate``), the
 single-round loop after its distillation (``lifecycle.consolidate``); docs/loop.md and
@@ -71,8 +72,10 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     student); ``engine`` is the distillation's (for a checkpoint). With ``min_stability`` > 0,
     ``entry["stability"]`` maps each discovered output to its cluster's stability, and
     ``entry["kept"]`` lists the outputs the student keeps (output ``kept[j]`` is its output
-    ``n_old + j``; the others are dropped). With fewer than two candidates per discovered class,
-    or no stable cluster, the student and engine are None and ``entry["decision"]`` says why."""
+    ``n_old + j``; the others are dropped, one at a time, each followed by a new clustering with
+    one cluster fewer: ``entry["reclustered"]`` lists them in order with the stability they had).
+    With fewer than two candidates per discovered class, or no stable cluster, the student and
+    engine are None and ``entry["decision"]`` says why."""
     logits = encode(model, stream, augment, cache, device)["logits"]
     predicted, k = logits.argmax(1), logits.shape[1] - n_old  # k: the discovered outputs
     ids = np.flatnonzero(predicted >= n_old)
@@ -86,26 +89,21 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
         representation(learner, labeled, stream, augment, device)
     on_u = encode(learner, images, augment, cache, device)
     on_l = encode(learner, labeled, augment, cache, device)
-    relabeler = copy.copy(labeler)  # k is known here: the classes the model kept
-    relabeler.k_new = k
+    relabeler = copy.copy(labeler)
     if hasattr(relabeler, "overcluster"):  # one cluster per output
         relabeler.overcluster = 1
-    result = rank_zero(relabeler, on_u[cluster_on], on_l[cluster_on], on_l["targets"], n_old)
-    # each new cluster takes the discovered output it shares most samples with
-    new = result.labels >= n_old
-    counts = np.zeros((k, k))
-    np.add.at(counts, (result.labels[new] - n_old, predicted[ids][new] - n_old), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    output = dict(zip(rows + n_old, cols + n_old, strict=True))
-    kept = list(range(n_old, n_old + k))
-    if min_stability > 0:  # the rounds' stability test, on the relabeled clusters
-        entry["stability"] = output_stability(result.labels, output, on_u[cluster_on], on_l[cluster_on],
-                                              on_l["targets"], n_old, relabeler, resamples, fraction, seed)
-        kept = sorted(o for o, v in entry["stability"].items() if v >= min_stability)
-        entry["kept"] = kept
+    result, output, stability, dropped = stable_relabel(
+        relabeler, on_u[cluster_on], on_l[cluster_on], on_l["targets"], n_old, predicted[ids],
+        list(range(n_old, n_old + k)), min_stability, resamples, fraction, seed)
+    kept = [o for o in range(n_old, n_old + k) if o not in dropped]
+    if min_stability > 0:
+        entry["stability"], entry["kept"] = stability, kept
+        if dropped:
+            entry["reclustered"] = [{"dropped": o, "stability": stability[o]} for o in dropped]
         if not kept:
             entry["decision"] = f"every relabeled cluster dissolved (stability below {min_stability})"
             return None, entry, None
+    new = result.labels >= n_old
     renumber = {o: n_old + j for j, o in enumerate(kept)}
     keep = confident(result, keep_fraction, first=n_old) & new
     keep[keep] = np.isin([output[c] for c in result.labels[keep]], kept)
@@ -120,6 +118,49 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     return learner, entry, engine
 
 
+def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
+                   predicted: np.ndarray, outputs: list[int], min_stability: float = 0.0, resamples: int = 5,
+                   fraction: float = 0.8, seed: int = 0):
+    """Cluster ``x_u`` (anchored by ``x_l`` / ``y_l``) with one new cluster per output in
+    ``outputs``, each cluster taking the output its samples were most often ``predicted`` as.
+    With ``min_stability`` > 0, while the least stable output's cluster is below it
+    (:func:`output_stability`), that output is dropped and the samples are clustered again with
+    one cluster fewer. Returns ``(result, {cluster: output}, {output: stability}, dropped)``;
+    a dropped output's stability is the one it was dropped with, ``{}`` is empty when every
+    output was dropped."""
+    outputs, stability, dropped = list(outputs), {}, []
+    while outputs:
+        result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs)
+        if min_stability <= 0:
+            return result, output, stability, dropped
+        measured = output_stability(result.labels, output, x_u, x_l, y_l, n_old, labeler, resamples,
+                                    fraction, seed)
+        stability.update({o: measured.get(o, 0.0) for o in outputs})  # an output no cluster took: 0
+        weakest = min(outputs, key=lambda o: stability[o])
+        if stability[weakest] >= min_stability:
+            return result, output, stability, dropped
+        outputs.remove(weakest)
+        dropped.append(weakest)
+    return result, {}, stability, dropped
+
+
+def _relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
+             predicted: np.ndarray, outputs: list[int]):
+    """Cluster ``x_u`` with one new cluster per output in ``outputs`` (anchored by the labeled
+    classes) and give each new cluster the output its samples were most often ``predicted`` as
+    (Hungarian). Returns the clustering and ``{cluster: output}``."""
+    labeler.k_new = len(outputs)
+    result = rank_zero(labeler, x_u, x_l, y_l, n_old)
+    new = result.labels >= n_old
+    column = {o: j for j, o in enumerate(outputs)}
+    counts = np.zeros((len(outputs), len(outputs)))
+    for c, o in zip(result.labels[new] - n_old, predicted[new], strict=True):
+        if o in column:  # samples of an output already dropped count for none
+            counts[c, column[o]] += 1
+    rows, cols = linear_sum_assignment(-counts)
+    return result, {int(r + n_old): outputs[c] for r, c in zip(rows, cols, strict=True)}
+
+
 def output_stability(labels: np.ndarray, output: dict[int, int], x_u: np.ndarray, x_l: np.ndarray,
                      y_l: np.ndarray, n_old: int, labeler: Callable, resamples: int = 5,
                      fraction: float = 0.8, seed: int = 0) -> dict[int, float]:
@@ -132,4 +173,4 @@ def output_stability(labels: np.ndarray, output: dict[int, int], x_u: np.ndarray
     return {int(output[c]): float(v) for c, v in zip(clusters, stability, strict=True)}
 
 
-__all__ = ["FirstOutputs", "consolidate", "output_stability"]
+__all__ = ["FirstOutputs", "consolidate", "output_stability", "stable_relabel"]

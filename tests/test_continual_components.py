@@ -281,6 +281,35 @@ def test_consolidation_stability_finds_the_outputs_that_split_a_class():
     assert all(stability[o] < 0.5 for o in halves)  # below the loop's bound: those outputs go
 
 
+
+def test_consolidation_drops_the_weakest_output_and_clusters_again_so_a_cut_class_is_whole():
+    """An output too many cuts a class in two and both halves dissolve; dropping them both (the
+    old rule) lost the class. Consolidation drops only the least stable output and clusters
+    again with one cluster fewer: the class is whole, stable, and keeps the other output."""
+    from graphs.consolidate import stable_relabel
+
+    x_l, y_l = _anchored_blobs()[:2]
+    rng = np.random.default_rng(0)
+    wide = rng.normal(0, 1.5, (120, 8)).astype(np.float32) + 30.0
+    tight = rng.normal(0, 0.5, (40, 8)).astype(np.float32) - 30.0
+    x_new = np.concatenate([wide, tight])
+    # the model split the wide class over outputs 5 and 6 (by its first feature); 7 is the tight one
+    predicted = np.r_[np.where(wide[:, 0] > 30.0, 5, 6), np.full(40, 7)]
+    labeler = SemiSupervisedKMeans(k_new=3, normalize=False, n_init=2, seed=0)
+    result, output, stability, dropped = stable_relabel(labeler, x_new, x_l, y_l, 3, predicted, [5, 6, 7],
+                                                        min_stability=0.5, resamples=8)
+    assert len(dropped) == 1 and dropped[0] in (5, 6) and stability[dropped[0]] < 0.5
+    assert sorted(output.values()) == sorted({5, 6, 7} - set(dropped))
+    by_output = {o: result.labels == c for c, o in output.items()}
+    kept_half = ({5, 6} - set(dropped)).pop()
+    assert by_output[kept_half][:120].all() and not by_output[kept_half][120:].any()  # the class, whole
+    assert by_output[7][120:].all()
+    assert all(stability[o] >= 0.5 for o in output.values())
+    # without the bound nothing is measured or dropped, and every output keeps a cluster
+    _, output, stability, dropped = stable_relabel(labeler, x_new, x_l, y_l, 3, predicted, [5, 6, 7])
+    assert sorted(output.values()) == [5, 6, 7] and stability == {} and dropped == []
+
+
 # ------------------------------------------------------------------------------- the gate
 
 
