@@ -12,7 +12,8 @@ relabeled, and distilling them would teach the old labels again.
 With ``min_stability`` > 0 each new cluster's clusterwise Jaccard stability (Hennig 2007, the
 rounds' acceptance test: the candidates subsampled and relabeled again, same k) is measured,
 and while one dissolves (below ``min_stability``) the least stable output is dropped and the
-candidates are clustered again with one cluster fewer: with k fixed at the number of outputs,
+candidates are clustered again with one cluster fewer (an output whose cluster dissolved once
+must then be clearly stable, :func:`stable_relabel`): with k fixed at the number of outputs,
 an output that duplicates a class or holds a rare old class's look-alikes leaves a cluster of
 leftovers (distractors, a class's fringe) that no resampling finds again, and a class cut in
 two by one output too many is whole again once that output has gone.
@@ -73,7 +74,8 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     ``entry["stability"]`` maps each discovered output to its cluster's stability, and
     ``entry["kept"]`` lists the outputs the student keeps (output ``kept[j]`` is its output
     ``n_old + j``; the others are dropped, one at a time, each followed by a new clustering with
-    one cluster fewer: ``entry["reclustered"]`` lists them in order with the stability they had).
+    one cluster fewer: ``entry["reclustered"]`` lists them in order with every output's stability
+    in that pass).
     With fewer than two candidates per discovered class, or no stable cluster, the student and
     engine are None and ``entry["decision"]`` says why."""
     logits = encode(model, stream, augment, cache, device)["logits"]
@@ -92,14 +94,15 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     relabeler = copy.copy(labeler)
     if hasattr(relabeler, "overcluster"):  # one cluster per output
         relabeler.overcluster = 1
-    result, output, stability, dropped = stable_relabel(
+    result, output, stability, passes = stable_relabel(
         relabeler, on_u[cluster_on], on_l[cluster_on], on_l["targets"], n_old, predicted[ids],
         list(range(n_old, n_old + k)), min_stability, resamples, fraction, seed)
+    dropped = [p["dropped"] for p in passes]
     kept = [o for o in range(n_old, n_old + k) if o not in dropped]
     if min_stability > 0:
         entry["stability"], entry["kept"] = stability, kept
-        if dropped:
-            entry["reclustered"] = [{"dropped": o, "stability": stability[o]} for o in dropped]
+        if passes:
+            entry["reclustered"] = passes
         if not kept:
             entry["decision"] = f"every relabeled cluster dissolved (stability below {min_stability})"
             return None, entry, None
@@ -120,28 +123,38 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
 
 def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
                    predicted: np.ndarray, outputs: list[int], min_stability: float = 0.0, resamples: int = 5,
-                   fraction: float = 0.8, seed: int = 0):
+                   fraction: float = 0.8, seed: int = 0, regain: float = 0.75):
     """Cluster ``x_u`` (anchored by ``x_l`` / ``y_l``) with one new cluster per output in
     ``outputs``, each cluster taking the output its samples were most often ``predicted`` as.
-    With ``min_stability`` > 0, while the least stable output's cluster is below it
-    (:func:`output_stability`), that output is dropped and the samples are clustered again with
-    one cluster fewer. Returns ``(result, {cluster: output}, {output: stability}, dropped)``;
-    a dropped output's stability is the one it was dropped with, ``{}`` is empty when every
-    output was dropped."""
-    outputs, stability, dropped = list(outputs), {}, []
+
+    With ``min_stability`` > 0 each cluster's stability is measured (:func:`output_stability`);
+    while one fails, the output of the least stable failing cluster is dropped and the samples
+    are clustered again with one cluster fewer. A cluster fails below ``min_stability`` (it
+    dissolves), and an output whose cluster dissolved in an earlier pass fails below ``regain``
+    (Hennig's line for a stable cluster, 0.75): a class cut in two is whole again and clearly
+    stable once the extra output has gone, where a cluster of leftovers only wobbles.
+
+    Returns ``(result, {cluster: output}, {output: stability}, passes)``: ``passes`` lists, for
+    every dropped output in order, ``{"dropped": output, "stability": {output: stability}}`` of
+    that pass; a dropped output's entry in the returned stability is the one it was dropped with.
+    ``{cluster: output}`` is empty when every output was dropped."""
+    outputs, stability, passes, dissolved = list(outputs), {}, [], set()
     while outputs:
         result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs)
         if min_stability <= 0:
-            return result, output, stability, dropped
+            return result, output, stability, passes
         measured = output_stability(result.labels, output, x_u, x_l, y_l, n_old, labeler, resamples,
                                     fraction, seed)
-        stability.update({o: measured.get(o, 0.0) for o in outputs})  # an output no cluster took: 0
-        weakest = min(outputs, key=lambda o: stability[o])
-        if stability[weakest] >= min_stability:
-            return result, output, stability, dropped
+        now = {o: measured.get(o, 0.0) for o in outputs}  # an output no cluster took: 0
+        stability.update(now)
+        failing = [o for o in outputs if now[o] < (regain if o in dissolved else min_stability)]
+        dissolved |= {o for o in outputs if now[o] < min_stability}
+        if not failing:
+            return result, output, stability, passes
+        weakest = min(failing, key=now.get)
         outputs.remove(weakest)
-        dropped.append(weakest)
-    return result, {}, stability, dropped
+        passes.append({"dropped": weakest, "stability": now})
+    return result, {}, stability, passes
 
 
 def _relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
