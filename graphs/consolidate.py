@@ -138,7 +138,7 @@ def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.
     every dropped output in order, ``{"dropped": output, "stability": {output: stability}}`` of
     that pass; a dropped output's entry in the returned stability is the one it was dropped with.
     ``{cluster: output}`` is empty when every output was dropped."""
-    outputs, stability, passes, dissolved = list(outputs), {}, [], set()
+    outputs, stability, passes, dissolved = sorted(outputs), {}, [], set()
     while outputs:
         result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs)
         if min_stability <= 0:
@@ -164,12 +164,10 @@ def _relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarra
     (Hungarian). Returns the clustering and ``{cluster: output}``."""
     labeler.k_new = len(outputs)
     result = rank_zero(labeler, x_u, x_l, y_l, n_old)
-    new = result.labels >= n_old
-    column = {o: j for j, o in enumerate(outputs)}
+    outputs_ = np.asarray(outputs)  # ascending (stable_relabel sorts them)
+    ours = (result.labels >= n_old) & np.isin(predicted, outputs_)  # an output dropped counts for none
     counts = np.zeros((len(outputs), len(outputs)))
-    for c, o in zip(result.labels[new] - n_old, predicted[new], strict=True):
-        if o in column:  # samples of an output already dropped count for none
-            counts[c, column[o]] += 1
+    np.add.at(counts, (result.labels[ours] - n_old, np.searchsorted(outputs_, predicted[ours])), 1)
     rows, cols = linear_sum_assignment(-counts)
     return result, {int(r + n_old): outputs[c] for r, c in zip(rows, cols, strict=True)}
 
