@@ -222,16 +222,36 @@ def _comparable(metrics: dict) -> dict:
     return out
 
 
+_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_RUN = [sys.executable, "-m", "components.run", "--quiet"]
+_SCORE = "continual.score = @Mahalanobis()"  # a score fitted on the memory: resuming must refit it
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference run of the kill-and-resume tests, started once in its own process on one
+    thread: it runs beside the first test's killed run (2 cores), and both tests compare to it."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    log = (folder / "stderr.txt").open("w")
+    process = subprocess.Popen(_RUN + _argv(folder / "run", folder / "cache", _SCORE), cwd=ROOT,
+                               env=_ONE_THREAD, stdout=subprocess.DEVNULL, stderr=log)
+
+    def metrics() -> dict:  # the first test waits for it; the second finds it done
+        assert process.wait() == 0, (folder / "stderr.txt").read_text()
+        return _comparable(_strict_json(folder / "run" / "metrics.json"))
+
+    yield metrics
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    log.close()
+
+
 @pytest.mark.parametrize("damage", [False, True])
-def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_path, damage):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "components.run", "--quiet"]
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    score = "continual.score = @Mahalanobis()"  # a score fitted on the memory: resuming must refit it
-    subprocess.run(command + _argv(reference, tmp_path / "cache-a", score), cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, damage):
+    killed = tmp_path / "killed"
     # the same run, SIGKILLed once round 1 is saved (it is then inside round 2), then started again
-    process = subprocess.Popen(command + _argv(killed, tmp_path / "cache-b", score), cwd=ROOT, env=env,
+    process = subprocess.Popen(_RUN + _argv(killed, tmp_path / "cache", _SCORE), cwd=ROOT, env=_ONE_THREAD,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list((killed / "loop").glob("state_loop_[1-9]*.pt")):
@@ -244,13 +264,12 @@ def test_a_run_killed_mid_round_resumes_and_ends_as_an_uninterrupted_one(tmp_pat
     if damage:  # the newest loop state truncated: the one before it is used, that round runs again
         newest = max((killed / "loop").glob("state_*.pt"), key=lambda f: int(f.stem.split("_")[-1]))
         newest.write_bytes(newest.read_bytes()[:100])
-    resumed = subprocess.run(command[:-1] + _argv(killed, tmp_path / "cache-b", score), cwd=ROOT, env=env,
+    resumed = subprocess.run(_RUN[:-1] + _argv(killed, tmp_path / "cache", _SCORE), cwd=ROOT, env=_ONE_THREAD,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after round" in resumed.stderr
     assert ("using the one before it" in " ".join(resumed.stderr.split())) == damage
-    expected = _comparable(_strict_json(reference / "metrics.json"))
-    assert _comparable(_strict_json(killed / "metrics.json")) == expected
+    assert _comparable(_strict_json(killed / "metrics.json")) == uninterrupted()
     # the checkpoint handler keeps two (Ignite removes the oldest, then writes the newest)
     assert len(list((killed / "loop").glob("state_*.pt"))) == 2
     assert not (killed / "stages").exists()  # a finished run leaves no epoch checkpoints
