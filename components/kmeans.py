@@ -38,6 +38,9 @@ class KMeansResult:
     # squared distance of each unlabeled sample to the nearest centroid not its own
     # (SemiSupervisedKMeans; None where not computed)
     runner_up: np.ndarray | None = None
+    # estimate="density": whether each unlabeled sample lies in the dense group (HDBSCAN's) that
+    # seeded its cluster; k-means also gives a cluster the sparse samples around the group
+    core: np.ndarray | None = None
 
 
 def gpu_default(use_gpu: bool | None) -> bool:
@@ -257,7 +260,8 @@ class SemiSupervisedKMeans:
       unlabeled samples in this geometry finds the dense groups of at least
       ``max(min_cluster_size, min_cluster_share · N)`` samples and calls the rest noise; k is the
       number of groups, **0 included** (a pool of stray samples grows nothing), and the new
-      centroids start at the groups' means. k-means then assigns every sample, noise too.
+      centroids start at the groups' means. k-means then assigns every sample, noise too;
+      ``KMeansResult.core`` marks the samples that lie in the group that seeded their cluster.
 
     ``overcluster=m`` makes ``m`` times as many new clusters (each a pseudo-class of its own).
 
@@ -339,6 +343,7 @@ class SemiSupervisedKMeans:
             result = self.cluster(x_u, x_l, y_l, n_old, len(seeds), seeds=seeds)
             result.k_scores = {len(seeds): float(np.mean(groups >= 0))}  # the share in dense groups
             result.k_estimate = len(seeds)
+            result.core = (groups >= 0) & (result.labels == n_old + groups)  # new cluster j: group j
             return result
         if self.estimate == "probe":  # each probe gets its own geometry (it may be whitened)
             scores, errors = self._probe_scores(raw_u, raw_l, y_l, n_old)

@@ -54,7 +54,7 @@ from torch import nn
 from components.acceptance import ClusterAcceptance, PromotionGate
 from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData, concat_images, take_images
-from components.kmeans import confident
+from components.kmeans import KMeansResult, confident
 from components.memory import LABELED, STREAM, ExemplarMemory
 from components.metrics import cluster_truth, continual_summary, grouped_accuracy
 from components.pool import SamplePool
@@ -142,6 +142,7 @@ def continual(
     representation: Callable[..., object] | None = adapt,
     cluster_on: str = "projected",
     keep_fraction: float = 1.0,
+    pseudo_labels: str = "cluster",
     pool_age: int = 2,
     max_rounds: int = 30,
     consolidate: bool = True,
@@ -155,8 +156,29 @@ def continual(
         ExemplarMemory() if memory is None else memory, ClusterAcceptance() if accept is None else accept,
         PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
-        max_rounds, seed, consolidate, consolidation_stability)
+        max_rounds, seed, consolidate, consolidation_stability, pseudo_labels)
     return loop.run()
+
+
+def pseudo_label_mask(result: KMeansResult, clusters: list[int], first: int, keep_fraction: float = 1.0,
+                      core: bool = False) -> np.ndarray:
+    """Which pooled samples become pseudo-labels: those of the accepted ``clusters``, the
+    ``keep_fraction`` nearest each centroid (:func:`components.kmeans.confident`), and with
+    ``core`` only those in the dense group that seeded their cluster (``result.core``). A
+    cluster with no member in its group (k-means moved the group elsewhere) keeps its members:
+    it was accepted on them."""
+    keep = confident(result, keep_fraction, first=first) & np.isin(result.labels, clusters)
+    if not core:
+        return keep
+    if result.core is None:
+        raise ValueError("core pseudo-labels need the labeler's dense groups (KMeansResult.core): "
+                         "estimate k by density, or take the clusters' members")
+    dense = keep & result.core
+    for c in clusters:
+        members = keep & (result.labels == c)
+        if not (dense & members).any():
+            dense |= members
+    return dense
 
 
 class ContinualLoop:
@@ -166,6 +188,10 @@ class ContinualLoop:
     offer ``geometry`` and ``cluster``, as :class:`components.kmeans.SemiSupervisedKMeans` does,
     for ``accept`` to measure stability); ``cluster_on`` picks ``"projected"`` or ``"features"``;
     ``keep_fraction`` of each accepted cluster (nearest its centroid) become pseudo-labels;
+    ``pseudo_labels="core"`` keeps only those in the dense group that seeded the cluster (the
+    labeler must estimate k by density, ``KMeansResult.core``): k-means gives a group the sparse
+    samples around it too, and a group of one class can become a cluster of two
+    (:func:`pseudo_label_mask`);
     ``pool_age`` is how many rounds a rejected sample may wait in the pool; ``consolidate``
     relabels the discovered classes at the stream's end (:meth:`_consolidate`), and with
     ``consolidation_stability`` drops the outputs whose relabeled cluster fails ``accept``'s
@@ -174,9 +200,18 @@ class ContinualLoop:
 
     def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
-                 pool_age, max_rounds, seed, consolidate, consolidation_stability=True) -> None:
+                 pool_age, max_rounds, seed, consolidate, consolidation_stability=True,
+                 pseudo_labels="cluster") -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
+        if pseudo_labels not in ("cluster", "core"):
+            raise ValueError(f"pseudo_labels must be 'cluster' or 'core', got {pseudo_labels!r}")
+        if pseudo_labels == "core" and (getattr(labeler, "estimate", None) != "density"
+                                        or getattr(labeler, "k_new", None) is not None):
+            raise ValueError("continual.pseudo_labels = 'core' takes each cluster's dense group, which "
+                             "only a labeler that estimates k by density finds: set "
+                             "SemiSupervisedKMeans.estimate = 'density' and k_new = None, or "
+                             "pseudo_labels = 'cluster'")
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
         if pool_age < 1 or max_rounds < 1:
@@ -190,7 +225,7 @@ class ContinualLoop:
         self.augment, self.score, self.labeler, self.cache = augment, score, labeler, cache
         self.accept, self.gate, self.threshold_rule = accept, gate, threshold
         self.temperature_scaling, self.representation = temperature_scaling, representation
-        self.cluster_on, self.keep_fraction = cluster_on, keep_fraction
+        self.cluster_on, self.keep_fraction, self.pseudo_labels = cluster_on, keep_fraction, pseudo_labels
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
         self.consolidate, self.consolidation_stability = consolidate, consolidation_stability
         self.device = idist.device()
@@ -341,7 +376,9 @@ class ContinualLoop:
             record["promotion"] = {"decision": "nothing pooled",
                                    "why": "no stream sample scored above the threshold"}
         if ended and self.consolidate and len(st.classes) > p.n_old:
+            before = self._evaluate()  # for the report: what consolidation changed (no decision reads it)
             self._consolidate(engine, r, record)
+            record["consolidation"]["accuracy_before"] = before
         aged = st.pool.age_out(self.pool_age)
         record["aged_out"] = len(aged)
         record["classes"] = len(st.classes)
@@ -396,7 +433,8 @@ class ContinualLoop:
             return
         new_id = {v.cluster: n_known + i for i, v in enumerate(outputs)}
         new_id |= {v.cluster: new_id[v.merged_into] for v in verdicts if v.merged_into is not None}
-        keep = confident(result, self.keep_fraction, first=n_known) & np.isin(result.labels, list(new_id))
+        keep = pseudo_label_mask(result, list(new_id), n_known, self.keep_fraction,
+                                 core=self.pseudo_labels == "core")
         pseudo_ids = ids[keep]
         pseudo_targets = np.array([new_id[c] for c in result.labels[keep]], dtype=np.int64)
         record["outputs"] = [{"id": n_known + i, "size": int((pseudo_targets == n_known + i).sum()),

@@ -254,6 +254,14 @@ def write_continual_report(run_dir, m: dict, state, protocol) -> Path:
                          f"separation {verdict['separation']:.2f}")
         for verdict in r["rejected"]:
             lines.append(f"  - rejected cluster of {verdict['size']}: {'; '.join(verdict['reasons'])}")
+        before = (r.get("consolidation") or {}).get("accuracy_before")
+        if before:  # test accuracy, for the report only
+            def three(accuracy: dict) -> str:
+                return " / ".join(_pct(accuracy.get(g)) for g in ("all", "old", "new"))
+
+            decision = r["consolidation"].get("decision", "not run")
+            lines.append(f"  - consolidation ({decision}): test accuracy (all / old / new) "
+                         f"{three(before)} % before, {three(r['accuracy'])} % after")
     lines += ["", "## Lineage", "", "| version | parent | round | classes | decision |",
               "|---|---|---|---|---|"]
     versions = sorted((run_dir.path / "versions").glob("v*"), key=lambda f: int(f.name[1:]))

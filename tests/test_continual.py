@@ -116,6 +116,12 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
         bound = 0.75 if any(q["stability"][str(p["dropped"])] < 0.5 for q in passes[:i]) else 0.5
         assert p["stability"][str(p["dropped"])] < bound
     assert all(consolidation["stability"][str(o)] >= 0.5 for o in was)
+    # the test accuracy before it (for the report; no decision reads it): the round's own
+    # verdict when consolidation kept the model, something else when its student replaced it
+    before = consolidation["accuracy_before"]
+    assert set(before) == set(rounds[-1]["accuracy"]) and 0 < before["all"] <= 1
+    if consolidation["decision"] == "kept":
+        assert before == rounds[-1]["accuracy"]
     if consolidation["decision"] == "promoted":
         assert [o["id"] for o in consolidation["outputs"]] == sorted(discovered)
         assert sorted(discovered) == list(range(5, 5 + len(was)))
@@ -204,6 +210,15 @@ def test_a_threshold_rule_that_reads_stream_labels_is_refused(tmp_path, capsys):
     assert "held-out known-class scores alone" in " ".join(capsys.readouterr().err.split())
 
 
+def test_core_pseudo_labels_without_a_density_estimate_are_refused_before_training(tmp_path, capsys):
+    argv = _argv(tmp_path / "run", tmp_path / "cache", "continual.pseudo_labels = 'core'",
+                 "SemiSupervisedKMeans.estimate = 'probe'")
+    assert main(argv) == 2  # a config error: one line, nothing run
+    err = " ".join(capsys.readouterr().err.split())
+    assert "config error" in err and "estimates k by density" in err and "estimate = 'density'" in err
+    assert not list((tmp_path / "run").glob("versions/v*"))  # nothing was trained
+
+
 def test_the_report_links_plots_that_exist(finished):
     import re
 
@@ -213,6 +228,11 @@ def test_the_report_links_plots_that_exist(finished):
     assert all((finished / name).is_file() for name in linked)
     assert "## Lineage" in report and "| v0 | – | 0 |" in report
     assert "the pool held (true classes, never read by a decision): " in report
+    m = _strict_json(finished / "metrics.json")
+    if "consolidation" in m["rounds"][-1]:  # what consolidation changed, as measured on the test set
+        before, after = m["rounds"][-1]["consolidation"]["accuracy_before"], m["rounds"][-1]["accuracy"]
+        assert (f"test accuracy (all / old / new) {100 * before['all']:.1f} / {100 * before['old']:.1f} / "
+                f"{100 * before['new']:.1f} % before, {100 * after['all']:.1f}") in report
 
 
 def _comparable(metrics: dict) -> dict:

@@ -167,6 +167,47 @@ def test_density_estimate_finds_the_new_groups_and_zero_when_there_are_none():
     assert one.k_estimate == 1 and (one.labels == 3).all()
 
 
+def test_the_core_is_the_dense_group_not_the_sparse_samples_k_means_adds_to_its_cluster(monkeypatch):
+    x_l, y_l, x_new, y_new = _anchored_blobs()
+    group = x_new[y_new == 3]
+    # the sparse side of the pool: 20 samples scattered about the group, nearer it than anything
+    rng = np.random.default_rng(0)
+    direction = rng.normal(0, 1, (20, 8)).astype(np.float32)
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    sparse = group.mean(0) + direction * rng.uniform(3.5, 5.0, (20, 1)).astype(np.float32)
+    labeler = SemiSupervisedKMeans(k_new=None, estimate="density", normalize=False, min_cluster_size=10)
+    # HDBSCAN's verdict (where its tree puts sparse samples depends on the other groups around):
+    # the group is dense, the 20 around it are noise
+    found = np.r_[np.zeros(60, np.int64), np.full(20, -1)]
+    monkeypatch.setattr(labeler, "dense_groups", lambda x_u, x_l=None: found)
+    result = labeler(np.concatenate([group, sparse]), x_l, y_l, n_old=3)
+    assert result.k_estimate == 1
+    assert (result.labels[60:] == 3).all()  # k-means gives the group's cluster the sparse samples ...
+    np.testing.assert_array_equal(result.core, found == 0)  # ... its core is the group
+    # a labeler that was told k has no groups, so no core
+    assert SemiSupervisedKMeans(k_new=1, normalize=False)(group, x_l, y_l, n_old=3).core is None
+
+
+def test_core_pseudo_labels_keep_the_group_and_a_cluster_without_one_keeps_its_members():
+    from components.kmeans import KMeansResult
+    from graphs.continual import pseudo_label_mask
+
+    labels = np.array([0, 3, 3, 3, 3, 4, 4, 5])
+    core = np.array([False, True, True, False, False, False, False, True])
+    result = KMeansResult(labels, np.arange(8, dtype=np.float32), np.zeros((6, 2), np.float32), 0.0, 1,
+                          core=core)
+    everything = pseudo_label_mask(result, [3, 4], first=3)
+    np.testing.assert_array_equal(everything, np.isin(labels, [3, 4]))  # cluster 5 was not accepted
+    dense = pseudo_label_mask(result, [3, 4], first=3, core=True)
+    # cluster 3: its two core samples; cluster 4 has no core sample, so it keeps both members
+    np.testing.assert_array_equal(dense, [False, True, True, False, False, True, True, False])
+    # with keep_fraction, the core of what is kept: cluster 3's nearest half is samples 1 and 2
+    np.testing.assert_array_equal(pseudo_label_mask(result, [3], first=3, keep_fraction=0.5, core=True),
+                                  [False, True, True, False, False, False, False, False])
+    with pytest.raises(ValueError, match="estimate k by density"):
+        pseudo_label_mask(KMeansResult(labels, np.zeros(8), np.zeros((6, 2)), 0.0, 1), [3], 3, core=True)
+
+
 # ------------------------------------------------------------------------------- acceptance
 
 
