@@ -143,6 +143,7 @@ def continual(
     cluster_on: str = "projected",
     keep_fraction: float = 1.0,
     pseudo_labels: str = "cluster",
+    score_fit: str = "memory",
     pool_age: int = 2,
     max_rounds: int = 30,
     consolidate: bool = True,
@@ -156,7 +157,7 @@ def continual(
         ExemplarMemory() if memory is None else memory, ClusterAcceptance() if accept is None else accept,
         PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
-        max_rounds, seed, consolidate, consolidation_stability, pseudo_labels)
+        max_rounds, seed, consolidate, consolidation_stability, pseudo_labels, score_fit)
     return loop.run()
 
 
@@ -192,6 +193,11 @@ class ContinualLoop:
     labeler must estimate k by density, ``KMeansResult.core``): k-means gives a group the sparse
     samples around it too, and a group of one class can become a cluster of two
     (:func:`pseudo_label_mask`);
+    ``score_fit`` says what a score that needs fitting (Mahalanobis, kNN) is fitted on:
+    ``"memory"``, the exemplars; ``"assigned"``, the labeled classes' exemplars and, for each
+    discovered class, every stream sample seen so far that the current model assigns to it
+    (its exemplars when it has none), since a discovered class's exemplars come from its dense
+    pseudo-labeled core and understate how far it spreads (:meth:`_score_fit_outputs`);
     ``pool_age`` is how many rounds a rejected sample may wait in the pool; ``consolidate``
     relabels the discovered classes at the stream's end (:meth:`_consolidate`), and with
     ``consolidation_stability`` drops the outputs whose relabeled cluster fails ``accept``'s
@@ -201,7 +207,7 @@ class ContinualLoop:
     def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
                  pool_age, max_rounds, seed, consolidate, consolidation_stability=True,
-                 pseudo_labels="cluster") -> None:
+                 pseudo_labels="cluster", score_fit="memory") -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if pseudo_labels not in ("cluster", "core"):
@@ -212,6 +218,8 @@ class ContinualLoop:
                              "only a labeler that estimates k by density finds: set "
                              "SemiSupervisedKMeans.estimate = 'density' and k_new = None, or "
                              "pseudo_labels = 'cluster'")
+        if score_fit not in ("memory", "assigned"):
+            raise ValueError(f"score_fit must be 'memory' or 'assigned', got {score_fit!r}")
         if not 0 < keep_fraction <= 1:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
         if pool_age < 1 or max_rounds < 1:
@@ -226,6 +234,7 @@ class ContinualLoop:
         self.accept, self.gate, self.threshold_rule = accept, gate, threshold
         self.temperature_scaling, self.representation = temperature_scaling, representation
         self.cluster_on, self.keep_fraction, self.pseudo_labels = cluster_on, keep_fraction, pseudo_labels
+        self.score_fit = score_fit
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
         self.consolidate, self.consolidation_stability = consolidate, consolidation_stability
         self.device = idist.device()
@@ -318,8 +327,8 @@ class ContinualLoop:
                 shutil.rmtree(folder)
                 log.info(f"removed versions/{folder.name}: its round did not finish and runs again")
         self._write_version()  # in case the run stopped between the state and its version
-        if isinstance(self.score, Score):  # Mahalanobis, kNN: fit again on the memory, as before
-            self.score.fit(scaled(self._encode(self.model, self._memory_images()), self.state.temperature))
+        if isinstance(self.score, Score):  # Mahalanobis, kNN: fit again on what it was fitted on
+            self.score.fit(self._score_fit_outputs())
         log.info(f"resuming after round {self.state.round}: stream position {self.state.position}, "
                  f"version v{self.state.version}, {len(self.state.classes)} classes, "
                  f"{len(self.state.pool)} pooled")
@@ -576,7 +585,7 @@ class ContinualLoop:
             if why:
                 log.warning(f"[yellow]{why}[/]")
         if isinstance(self.score, Score):
-            self.score.fit(scaled(self._encode(self.model, self._memory_images()), st.temperature))
+            self.score.fit(self._score_fit_outputs())
         known = score_outputs(self.score, scaled(val, st.temperature)).numpy()
         try:
             st.threshold = float(self.threshold_rule(known))
@@ -584,6 +593,30 @@ class ContinualLoop:
             raise ValueError(f"the continual loop's threshold rule must work from held-out known-class "
                              f"scores alone ({self.threshold_rule!r}: {error})") from None
         st.pool.threshold = st.threshold
+
+    def _score_fit_outputs(self) -> dict[str, np.ndarray]:
+        """What a fitted score (Mahalanobis, kNN) learns the known classes from, in the current
+        model's outputs at the current temperature: the memory's exemplars, or with
+        ``score_fit="assigned"`` the labeled classes' exemplars plus, for each discovered class,
+        the stream samples before the current position that the model assigns to it (its
+        exemplars if none). Reads no label of the stream."""
+        st, n_old = self.state, self.protocol.n_old
+        memory = scaled(self._encode(self.model, self._memory_images()), st.temperature)
+        if self.score_fit == "memory" or len(st.classes) == n_old:
+            return memory
+        # the whole stream's entry is in the cache already (the round scored it); rows before the position
+        stream = scaled(self._encode(self.model, self.protocol.stream), st.temperature)
+        keys = [k for k in memory if k != "targets" and k in stream]
+        seen = {k: np.asarray(stream[k])[:st.position] for k in keys}
+        assigned = seen["logits"].argmax(1)
+        labeled = memory["targets"] < n_old
+        parts = [({k: np.asarray(memory[k])[labeled] for k in keys}, memory["targets"][labeled])]
+        for c in range(n_old, len(st.classes)):
+            mine = assigned == c
+            source, rows = (seen, mine) if mine.any() else (memory, memory["targets"] == c)
+            parts.append(({k: np.asarray(source[k])[rows] for k in keys}, np.full(int(rows.sum()), c)))
+        return {k: np.concatenate([part[k] for part, _ in parts]) for k in keys} | {
+            "targets": np.concatenate([targets for _, targets in parts]).astype(np.int64)}
 
     def _val_correct(self, model: nn.Module) -> np.ndarray:
         """Which held-out known-class images ``model`` gets right (output c is class c, no remap)."""

@@ -219,6 +219,43 @@ def test_core_pseudo_labels_without_a_density_estimate_are_refused_before_traini
     assert not list((tmp_path / "run").glob("versions/v*"))  # nothing was trained
 
 
+def test_a_score_fitted_on_assigned_samples_learns_a_discovered_class_from_the_stream_it_has_seen():
+    """score_fit='assigned': the labeled classes keep their exemplars; a discovered class is
+    represented by every stream sample before the position that the model assigns to it (not
+    by its exemplars, nor by samples past the position); one the model assigns nothing falls
+    back to its exemplars. 'memory' fits on the exemplars alone."""
+    import importlib
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    loop = importlib.import_module("graphs.continual").ContinualLoop
+    memory_targets = np.array([0, 0, 1, 1, 2, 2, 3, 3])  # 2 labeled classes, discovered 2 and 3
+    memory = {"features": np.arange(8.0)[:, None], "logits": np.eye(4)[memory_targets],
+              "targets": memory_targets}
+    assigned = np.array([2, 0, 2, 1, 2, 2])  # the model's answer on 6 stream samples; position 4
+    stream = {"features": 100 + np.arange(6.0)[:, None], "logits": np.eye(4)[assigned],
+              "targets": -np.ones(6)}
+    fake = SimpleNamespace(
+        state=SimpleNamespace(classes=[{}] * 4, position=4, temperature=1.0),
+        protocol=SimpleNamespace(n_old=2, stream="stream"), score_fit="assigned",
+        _memory_images=lambda: "memory", model=None,
+        _encode=lambda model, images: {"memory": memory, "stream": stream}[images])
+    fit = loop._score_fit_outputs(fake)
+    assert fit["targets"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # class 2: stream rows 0 and 2 (rows 4 and 5 are past the position); class 3: its exemplars
+    assert fit["features"][:, 0].tolist() == [0, 1, 2, 3, 100, 102, 6, 7]
+    assert fit["logits"].shape == (8, 4)
+    fake.score_fit = "memory"
+    assert loop._score_fit_outputs(fake)["features"][:, 0].tolist() == list(range(8))
+
+
+def test_an_unknown_score_fit_is_refused_before_training(tmp_path, capsys):
+    assert main(_argv(tmp_path / "run", tmp_path / "cache", "continual.score_fit = 'stream'")) == 2
+    assert "score_fit must be 'memory' or 'assigned'" in " ".join(capsys.readouterr().err.split())
+    assert not list((tmp_path / "run").glob("versions/v*"))
+
+
 def test_the_report_links_plots_that_exist(finished):
     import re
 
