@@ -8,6 +8,7 @@ from components import (  # noqa: F401
     acceptance,
     cache,
     data,
+    domain,
     external,
     kmeans,
     losses,

@@ -26,7 +26,12 @@ be undone, so :class:`ClusterAcceptance` keeps a cluster only when it is
   cloud of noise or of another dataset's images, far from everything known, is not a class;
 * **varied**: its own radius at least ``min_tightness`` times the median known-class radius; a
   class has the variation of a class, a cluster of near copies (a flat frame, a frozen sensor)
-  does not.
+  does not;
+* **made of images of the domain**, when ``max_off_domain`` is set and the caller says which
+  samples are off the domain (``off_domain``, e.g. :class:`components.domain.InputComplexity`:
+  an input complexity outside the band of held-out known-class images): at most that fraction
+  of its members are. A test on the pixels, not on distances in the features, where noise and
+  flat frames can lie as near the known classes as a new class does.
 
 A cluster that passes but lies within ``min_separation`` radii of a bigger cluster that passed is
 **merged** into it (one class found as two clusters in one round is one class). Rejected
@@ -58,6 +63,7 @@ class Verdict:
     accepted: bool
     reasons: list[str]
     merged_into: int | None = None  # the bigger accepted cluster it joins, if any
+    off_domain: float | None = None  # the fraction of its members off the domain, when measured
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,11 +98,13 @@ def jaccard_stability(labels: np.ndarray, clusters: list[int], recluster: Callab
 class ClusterAcceptance:
     """The rule of the module docstring. Call it with the clustering, the unlabeled (pool) and
     labeled features in the labeler's geometry, and ``recluster(index) -> labels`` that clusters
-    ``x_u[index]`` again (the same procedure, or the same number of clusters)."""
+    ``x_u[index]`` again (the same procedure, or the same number of clusters); ``off_domain``
+    (a boolean per pooled sample) for ``max_off_domain``."""
 
     def __init__(self, min_size: int = 10, min_stability: float = 0.5, min_separation: float = 1.0,
                  max_separation: float | None = None, min_tightness: float = 0.0, min_spread: float = 0.0,
-                 merge: bool = True, resamples: int = 5, fraction: float = 0.8, seed: int = 0) -> None:
+                 max_off_domain: float | None = None, merge: bool = True, resamples: int = 5,
+                 fraction: float = 0.8, seed: int = 0) -> None:
         if min_size < 1 or not 0 <= min_stability <= 1 or min_separation < 0 or resamples < 1:
             raise ValueError(f"need min_size >= 1, 0 <= min_stability <= 1, min_separation >= 0 and "
                              f"resamples >= 1, got {min_size}, {min_stability}, {min_separation}, "
@@ -105,13 +113,23 @@ class ClusterAcceptance:
             raise ValueError(f"need 0 <= min_spread < max_separation, got {min_spread} and {max_separation}")
         if not 0 < fraction < 1:
             raise ValueError(f"the subsample fraction must be in (0, 1), got {fraction}")
+        if max_off_domain is not None and not 0 <= max_off_domain < 1:
+            raise ValueError(f"max_off_domain must be a fraction in [0, 1) or None, got {max_off_domain}")
         self.min_size, self.min_stability = min_size, min_stability
         self.min_separation, self.max_separation = min_separation, max_separation
         self.min_tightness, self.min_spread, self.merge = min_tightness, min_spread, merge
+        self.max_off_domain = max_off_domain
         self.resamples, self.fraction, self.seed = resamples, fraction, seed
 
     def __call__(self, result: KMeansResult, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
-                 n_old: int, recluster: Callable[[np.ndarray], np.ndarray]) -> list[Verdict]:
+                 n_old: int, recluster: Callable[[np.ndarray], np.ndarray],
+                 off_domain: np.ndarray | None = None) -> list[Verdict]:
+        if self.max_off_domain is not None and off_domain is None:
+            raise ValueError("ClusterAcceptance.max_off_domain needs each pooled sample's off-domain flag: "
+                             "give the loop a domain test (continual.domain = @InputComplexity()) or set "
+                             "max_off_domain = None")
+        if off_domain is not None and len(off_domain) != len(result.labels):
+            raise ValueError(f"off_domain has {len(off_domain)} flags for {len(result.labels)} samples")
         clusters = list(range(n_old, len(result.centroids)))
         if not clusters:
             return []
@@ -152,8 +170,12 @@ class ClusterAcceptance:
             if tightness < self.min_tightness:
                 reasons.append(f"its samples are near copies of one another (radius {tightness:.2f} of a "
                                "known class's)")
+            off = float(np.asarray(off_domain)[members].mean()) if off_domain is not None and size else None
+            if self.max_off_domain is not None and off is not None and off > self.max_off_domain:
+                reasons.append(f"{100 * off:.0f} % of its samples are off the domain (their input complexity "
+                               "lies outside the held-out known-class images')")
             verdicts.append(Verdict(c, size, float(stability[i]), separation, spread, tightness,
-                                    not reasons, reasons))
+                                    not reasons, reasons, off_domain=off))
         if self.merge:
             self._merge(verdicts, result, x_u)
         return verdicts

@@ -54,6 +54,7 @@ from torch import nn
 from components.acceptance import ClusterAcceptance, PromotionGate
 from components.cache import FeatureCache
 from components.data import ImageSet, ProtocolData, concat_images, take_images
+from components.domain import InputComplexity
 from components.kmeans import KMeansResult, confident
 from components.memory import LABELED, STREAM, ExemplarMemory
 from components.metrics import cluster_truth, continual_summary, grouped_accuracy
@@ -148,6 +149,8 @@ def continual(
     max_rounds: int = 30,
     consolidate: bool = True,
     consolidation_stability: bool = True,
+    domain: InputComplexity | None = None,
+    pool_off_domain: bool = True,
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -157,7 +160,8 @@ def continual(
         ExemplarMemory() if memory is None else memory, ClusterAcceptance() if accept is None else accept,
         PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
-        max_rounds, seed, consolidate, consolidation_stability, pseudo_labels, score_fit)
+        max_rounds, seed, consolidate, consolidation_stability, pseudo_labels, score_fit, domain,
+        pool_off_domain)
     return loop.run()
 
 
@@ -201,13 +205,17 @@ class ContinualLoop:
     ``pool_age`` is how many rounds a rejected sample may wait in the pool; ``consolidate``
     relabels the discovered classes at the stream's end (:meth:`_consolidate`), and with
     ``consolidation_stability`` drops the outputs whose relabeled cluster fails ``accept``'s
-    stability test.
+    stability test; ``domain`` (e.g. :class:`components.domain.InputComplexity`), fitted on the
+    held-out known-class images, flags the samples that are off the domain: with
+    ``pool_off_domain`` they may be pooled and ``accept`` judges each cluster by how many of its
+    members are (``max_off_domain``); without it they never enter the pool.
     """
 
     def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
                  pool_age, max_rounds, seed, consolidate, consolidation_stability=True,
-                 pseudo_labels="cluster", score_fit="memory") -> None:
+                 pseudo_labels="cluster", score_fit="memory", domain=None,
+                 pool_off_domain=True) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if pseudo_labels not in ("cluster", "core"):
@@ -235,6 +243,12 @@ class ContinualLoop:
         self.temperature_scaling, self.representation = temperature_scaling, representation
         self.cluster_on, self.keep_fraction, self.pseudo_labels = cluster_on, keep_fraction, pseudo_labels
         self.score_fit = score_fit
+        if not pool_off_domain and domain is None:
+            raise ValueError("continual.pool_off_domain = False keeps off-domain samples out of the pool, "
+                             "which needs a domain test: set continual.domain = @InputComplexity()")
+        self.domain = None if domain is None else domain.fit(protocol.val.images)
+        # which stream samples may be pooled: the stream is fixed, so this is measured once
+        self.admit = None if pool_off_domain else ~self.domain.outside(protocol.stream.images)
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
         self.consolidate, self.consolidation_stability = consolidate, consolidation_stability
         self.device = idist.device()
@@ -370,12 +384,14 @@ class ContinualLoop:
         stream = scaled(self._encode(self.model, p.stream), st.temperature)
         trace: list[tuple[int, int]] = []
         start = st.position
-        st.position, _ = online(stream, self.score, st.pool, start=start, trace=trace)
+        st.position, _ = online(stream, self.score, st.pool, start=start, trace=trace, admit=self.admit)
         st.trace += [list(t) for t in trace]
         ended = st.position >= len(p.stream)
         record = {"round": r, "start": start, "position": st.position,
                   "trigger": "pool" if st.pool.ready else "end of stream", "pooled": len(st.pool),
                   "k_estimated": None, "accepted": [], "rejected": [], "version": st.version}
+        if self.admit is not None:  # read this round and kept out of the pool as off the domain
+            record["kept_out"] = int((~self.admit[start:st.position]).sum())
         truth = p.stream.targets.numpy()
         record["pool_truth"] = finite_json(_pool_truth(truth[st.pool.ids], p))
         if len(st.pool):
@@ -428,7 +444,10 @@ class ContinualLoop:
         def recluster(index: np.ndarray) -> np.ndarray:  # the whole procedure on a subsample
             return self.labeler(raw_u[index], raw_l, y_memory, n_known).labels
 
-        verdicts = self.accept(result, x_u, x_l, y_memory, n_known, recluster)
+        off_domain = None if self.domain is None else self.domain.outside(pool_images.images)
+        if off_domain is not None:
+            record["off_domain"] = int(off_domain.sum())
+        verdicts = self.accept(result, x_u, x_l, y_memory, n_known, recluster, off_domain=off_domain)
         truth = p.stream.targets.numpy()[ids]
         for v in verdicts:  # what each cluster really held: for the report, never for a decision
             (record["accepted"] if v.accepted else record["rejected"]).append(

@@ -32,13 +32,15 @@ def online(
     start: int = 0,
     batch_size: int = 32,
     trace: list[tuple[int, int]] | None = None,
+    admit: np.ndarray | None = None,
 ) -> tuple[int, np.ndarray]:
     """Feed the stream's cached outputs from ``start`` in batches to ``score`` (a
     :class:`Score` sees every cached output, a plain function the logits) and ``pool``.
 
     Stops after the batch that makes the pool ready (firing ``PoolEvents.POOL_READY``) or at
     the end of the stream. Returns the next stream position and the scores seen; ``trace``, if
-    given, gets ``(position, pool size)`` after every batch.
+    given, gets ``(position, pool size)`` after every batch. ``admit`` (a boolean per stream
+    row) keeps the rows it marks False out of the pool, whatever their score.
     """
     arrays = {k: torch.from_numpy(np.asarray(v)) for k, v in stream.items() if k not in ("ids", "targets")}
     n = len(arrays["logits"])
@@ -49,7 +51,10 @@ def online(
         lo, hi = bound
         scores = score_outputs(score, {k: v[lo:hi] for k, v in arrays.items()})
         seen.append(scores)
-        pooled = pool.add(stream["ids"][lo:hi], scores.numpy())
+        ids, batch = np.asarray(stream["ids"][lo:hi]), scores.numpy()
+        if admit is not None:
+            ids, batch = ids[admit[lo:hi]], batch[admit[lo:hi]]
+        pooled = pool.add(ids, batch)
         engine.state.position = hi
         if trace is not None:
             trace.append((hi, len(pool)))

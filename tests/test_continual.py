@@ -256,6 +256,13 @@ def test_an_unknown_score_fit_is_refused_before_training(tmp_path, capsys):
     assert not list((tmp_path / "run").glob("versions/v*"))
 
 
+def test_keeping_off_domain_samples_out_of_the_pool_needs_a_domain_test(tmp_path, capsys):
+    assert main(_argv(tmp_path / "run", tmp_path / "cache", "continual.domain = None",
+                      "continual.pool_off_domain = False")) == 2
+    assert "continual.domain = @InputComplexity()" in " ".join(capsys.readouterr().err.split())
+    assert not list((tmp_path / "run").glob("versions/v*"))
+
+
 def test_the_report_links_plots_that_exist(finished):
     import re
 

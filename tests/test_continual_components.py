@@ -272,6 +272,70 @@ def test_acceptance_rejects_an_off_domain_cloud_when_asked():
     assert "outside their domain" in verdicts[1].reasons[-1]
 
 
+def test_input_complexity_flags_flat_frames_and_noise_and_not_unseen_digits():
+    """Serrà et al.'s input complexity (PNG length): fitted on known-class images, flat frames
+    compress far below them and uniform noise far above, while images of classes the band was
+    not fitted on, from the same dataset, lie inside."""
+    from sklearn.datasets import load_digits
+
+    from components.domain import InputComplexity, input_complexity
+
+    digits = load_digits()
+    pixels = torch.from_numpy((digits.images * 255 / 16).round().astype(np.uint8))[:, None]
+    known, unseen = pixels[digits.target < 5], pixels[digits.target >= 5]
+    domain = InputComplexity(coverage=0.98).fit(known[:300])
+    rng = np.random.default_rng(0)
+    blank = torch.full((20, 1, 8, 8), 7, dtype=torch.uint8)
+    saturated = torch.full((20, 1, 8, 8), 250, dtype=torch.uint8)
+    noise = torch.from_numpy(rng.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8))
+    for frames in (blank, saturated, noise):
+        assert domain.outside(frames).all()
+    assert domain.outside(unseen).mean() < 0.2 and domain.outside(known[300:]).mean() < 0.1
+    lengths = input_complexity(torch.cat([blank[:1], known[:1], noise[:1]]))
+    assert lengths[0] < lengths[1] < lengths[2]  # flat < a digit < noise
+    colour = input_complexity(torch.from_numpy(rng.integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)))
+    assert (colour > lengths[2]).all()  # three channels of noise hold three times the information
+    with pytest.raises(ValueError, match="uint8"):
+        input_complexity(known[:2].float())
+    with pytest.raises(RuntimeError, match="before fit"):
+        InputComplexity().outside(known[:2])
+    with pytest.raises(ValueError, match="coverage"):
+        InputComplexity(coverage=1.0)
+
+
+def test_acceptance_rejects_a_cluster_of_off_domain_samples_wherever_it_lies():
+    """The domain test reads each pooled sample's flag, not distances: a cloud lying among the
+    known classes, where the distance bound lets it in, is rejected when most of it is off the
+    domain; a class with a few off-domain members is kept."""
+    x_l, y_l, x_new, y_new = _anchored_blobs()
+    cloud = x_new[y_new == 4][:40]  # as near the known classes as a new class is
+    pool = np.concatenate([x_new[y_new == 3], cloud])
+    labeler = SemiSupervisedKMeans(k_new=2, normalize=False, n_init=2)
+    result = labeler.cluster(pool, x_l, y_l, 3, 2, seeds=np.stack([pool[:60].mean(0), cloud.mean(0)]))
+    fixed = lambda idx: result.labels[idx]  # noqa: E731
+    off = np.zeros(len(pool), bool)
+    off[len(pool) - 40:] = True  # the cloud
+    off[:5] = True  # and a few of the class (a sandal compresses well)
+    rule = ClusterAcceptance(min_size=10, min_stability=0.0, max_off_domain=0.5)
+    verdicts = rule(result, pool, x_l, y_l, 3, fixed, off_domain=off)
+    by_cluster = {v.cluster: v for v in verdicts}
+    class_cluster = result.labels[0]
+    cloud_cluster = result.labels[-1]
+    assert by_cluster[class_cluster].accepted and by_cluster[class_cluster].off_domain < 0.2
+    assert not by_cluster[cloud_cluster].accepted and by_cluster[cloud_cluster].off_domain == 1.0
+    assert "off the domain" in by_cluster[cloud_cluster].reasons[-1]
+    # without the bound the fraction is still measured and recorded, and decides nothing
+    loose = ClusterAcceptance(min_size=10, min_stability=0.0)(result, pool, x_l, y_l, 3, fixed, off_domain=off)
+    assert all(v.accepted for v in loose) and {v.off_domain for v in loose} == {
+        v.off_domain for v in verdicts}
+    with pytest.raises(ValueError, match="continual.domain"):
+        rule(result, pool, x_l, y_l, 3, fixed)
+    with pytest.raises(ValueError, match="flags"):
+        rule(result, pool, x_l, y_l, 3, fixed, off_domain=off[:-1])
+    with pytest.raises(ValueError, match="max_off_domain"):
+        ClusterAcceptance(max_off_domain=1.0)
+
+
 def test_acceptance_min_spread_rejects_a_rare_class_lookalike_that_its_tight_radius_lets_through():
     """A rare known class whose few labeled samples the model fits tightly has a small radius;
     its unseen samples form a cluster a few such radii away, yet deep inside its territory."""

@@ -56,6 +56,22 @@ def test_online_stops_when_the_pool_fires():
     assert position == 10 and len(scores) == 4 and pool.ids.tolist() == [7, 8, 9]
 
 
+def test_online_keeps_samples_it_may_not_admit_out_of_the_pool():
+    """``admit`` (the continual loop's off-domain flags): a sample marked False is scored and
+    counted as read but never pooled, however unsure the model is of it; the trigger then
+    waits for samples it may pool."""
+    logits = torch.zeros(10, 3)
+    logits[:, 0] = torch.tensor([9, 0, 0, 9, 0, 0, 9, 0, 0, 0], dtype=torch.float)  # 0 = unsure
+    stream = {"logits": logits.numpy(), "ids": np.arange(10)}
+    admit = np.ones(10, bool)
+    admit[[1, 2, 4]] = False  # three unsure samples off the domain
+    pool = SamplePool(trigger_size=3, threshold=0.5)
+    position, scores = online(stream, max_softmax, pool, batch_size=2, admit=admit)
+    # without admit the pool would fire in the batch [4, 6) on 1, 2, 4 (and 5); with it, in the
+    # batch [8, 10) on 5, 7, 8 (and 9)
+    assert pool.ready and pool.ids.tolist() == [5, 7, 8, 9] and position == 10 and len(scores) == 10
+
+
 def test_encode_caches_and_refuses_stale_entries(tmp_path):
     images, model, augment = _images(), _net(), BatchAugment()
     cache = FeatureCache(str(tmp_path))
