@@ -243,6 +243,9 @@ class ContinualLoop:
         self.temperature_scaling, self.representation = temperature_scaling, representation
         self.cluster_on, self.keep_fraction, self.pseudo_labels = cluster_on, keep_fraction, pseudo_labels
         self.score_fit = score_fit
+        if getattr(accept, "max_off_domain", None) is not None and domain is None:
+            raise ValueError("ClusterAcceptance.max_off_domain judges clusters by their off-domain samples, "
+                             "which needs a domain test: set continual.domain = @InputComplexity()")
         if not pool_off_domain and domain is None:
             raise ValueError("continual.pool_off_domain = False keeps off-domain samples out of the pool, "
                              "which needs a domain test: set continual.domain = @InputComplexity()")

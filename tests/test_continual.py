@@ -256,11 +256,15 @@ def test_an_unknown_score_fit_is_refused_before_training(tmp_path, capsys):
     assert not list((tmp_path / "run").glob("versions/v*"))
 
 
-def test_keeping_off_domain_samples_out_of_the_pool_needs_a_domain_test(tmp_path, capsys):
+def test_off_domain_options_without_a_domain_test_are_refused_before_training(tmp_path, capsys):
     assert main(_argv(tmp_path / "run", tmp_path / "cache", "continual.domain = None",
                       "continual.pool_off_domain = False")) == 2
     assert "continual.domain = @InputComplexity()" in " ".join(capsys.readouterr().err.split())
     assert not list((tmp_path / "run").glob("versions/v*"))
+    assert main(_argv(tmp_path / "run2", tmp_path / "cache", "ClusterAcceptance.max_off_domain = 0.5")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "max_off_domain" in err and "continual.domain = @InputComplexity()" in err
+    assert not list((tmp_path / "run2").glob("versions/v*"))
 
 
 def test_the_report_links_plots_that_exist(finished):
