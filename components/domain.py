@@ -12,8 +12,10 @@ images of one dataset, whatever their class, lie in a band between.
 :class:`InputComplexity` learns that band from held-out known-class images (the central
 ``coverage`` of their PNG lengths) and flags an image outside it. One image outside proves
 little (2 % of known-class images are, by construction, and a small or sparse object, such as
-a sandal, compresses well); the continual loop's cluster acceptance rejects a *cluster* most of
-whose members are outside (``ClusterAcceptance.max_off_domain``).
+a sandal, compresses well). The continual loop (``continual.domain``) can reject a *cluster*
+most of whose members are outside (``ClusterAcceptance.max_off_domain``) or keep such images out
+of the pool (``continual.pool_off_domain = False``); both were measured and lost, so both are off
+(docs/loop.md, "A domain test on the pixels").
 """
 
 from __future__ import annotations

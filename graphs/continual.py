@@ -249,9 +249,10 @@ class ContinualLoop:
         if not pool_off_domain and domain is None:
             raise ValueError("continual.pool_off_domain = False keeps off-domain samples out of the pool, "
                              "which needs a domain test: set continual.domain = @InputComplexity()")
-        self.domain = None if domain is None else domain.fit(protocol.val.images)
-        # which stream samples may be pooled: the stream is fixed, so this is measured once
-        self.admit = None if pool_off_domain else ~self.domain.outside(protocol.stream.images)
+        # each stream sample's off-domain flag: the stream is fixed, so it is measured once
+        self.off_domain = (None if domain is None
+                           else domain.fit(protocol.val.images).outside(protocol.stream.images))
+        self.admit = None if pool_off_domain else ~self.off_domain  # which samples may be pooled
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
         self.consolidate, self.consolidation_stability = consolidate, consolidation_stability
         self.device = idist.device()
@@ -447,7 +448,7 @@ class ContinualLoop:
         def recluster(index: np.ndarray) -> np.ndarray:  # the whole procedure on a subsample
             return self.labeler(raw_u[index], raw_l, y_memory, n_known).labels
 
-        off_domain = None if self.domain is None else self.domain.outside(pool_images.images)
+        off_domain = None if self.off_domain is None else self.off_domain[ids]
         if off_domain is not None:
             record["off_domain"] = int(off_domain.sum())
         verdicts = self.accept(result, x_u, x_l, y_memory, n_known, recluster, off_domain=off_domain)
