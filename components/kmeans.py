@@ -270,6 +270,13 @@ class SemiSupervisedKMeans:
     all classes (as :class:`components.scores.Mahalanobis` uses it), ``ε = whiten_ridge``. The
     directions along which known classes vary are shrunk, those they do not use (where new
     classes differ) stretched. It is applied before ``normalize``.
+
+    ``fixed_old=True`` keeps each old centroid at its labeled samples' mean: unlabeled samples
+    nearest it take its label but do not move it. GCD's k-means lets them move it, which is
+    right when the unlabeled set is mostly old classes; when it is mostly new ones (the samples
+    a grown model assigns to its discovered classes, :mod:`graphs.consolidate`) a new class
+    lying nearest a tail class with a few dozen labeled samples outnumbers them 40 to 1 and
+    takes the centroid over, and k-means has one cluster fewer for the new classes.
     """
 
     def __init__(
@@ -291,6 +298,7 @@ class SemiSupervisedKMeans:
         min_cluster_share: float = 0.05,
         min_samples: int = 5,
         density_selection: str = "eom",
+        fixed_old: bool = False,
     ) -> None:
         if k_new is not None and k_new < 1:
             raise ValueError(f"k_new must be >= 1 (or None to estimate it), got {k_new}")
@@ -313,6 +321,7 @@ class SemiSupervisedKMeans:
         if density_selection not in ("eom", "leaf"):
             raise ValueError(f"density_selection must be 'eom' or 'leaf', got {density_selection!r}")
         self.density_selection = density_selection
+        self.fixed_old = fixed_old
 
     def __call__(
         self, unlabeled: np.ndarray, labeled: np.ndarray, labeled_targets: np.ndarray, n_old: int
@@ -513,6 +522,8 @@ class SemiSupervisedKMeans:
             iterations += 1
             sums, counts = _means(x_all, np.concatenate([y_l, labels]), k)
             centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+            if self.fixed_old:
+                centroids[:len(old)] = old
             new_labels, dist = self._assign(x_u, centroids, len(old))
             converged = np.array_equal(new_labels, labels)
             labels = new_labels

@@ -62,7 +62,8 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
                 names: list[str], augment: nn.Module, cache: FeatureCache, device: torch.device,
                 labeler: Callable, representation: Callable | None, cluster_on: str,
                 keep_fraction: float = 1.0, min_stability: float = 0.0, resamples: int = 5,
-                fraction: float = 0.8, seed: int = 0) -> tuple[nn.Module | None, dict, Engine | None]:
+                fraction: float = 0.8, seed: int = 0,
+                fixed_anchors: bool = False) -> tuple[nn.Module | None, dict, Engine | None]:
     """Relabel ``model``'s discovered outputs (``n_old`` and up, named by ``names``) from the
     ``stream`` samples it assigns to them and distill a student on ``labeled`` (classes below
     ``n_old``) plus those labels, with ``teacher`` (first ``n_old`` outputs) for the labeled
@@ -77,7 +78,9 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     one cluster fewer: ``entry["reclustered"]`` lists them in order with every output's stability
     in that pass).
     With fewer than two candidates per discovered class, or no stable cluster, the student and
-    engine are None and ``entry["decision"]`` says why."""
+    engine are None and ``entry["decision"]`` says why. ``fixed_anchors`` keeps the labeled
+    classes' centroids at their labeled samples' means (``SemiSupervisedKMeans.fixed_old``; the
+    labeler must have that attribute)."""
     logits = encode(model, stream, augment, cache, device)["logits"]
     predicted, k = logits.argmax(1), logits.shape[1] - n_old  # k: the discovered outputs
     ids = np.flatnonzero(predicted >= n_old)
@@ -94,6 +97,8 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     relabeler = copy.copy(labeler)
     if hasattr(relabeler, "overcluster"):  # one cluster per output
         relabeler.overcluster = 1
+    if fixed_anchors:  # the candidates are the model's new ones: they may not move a labeled class
+        relabeler.fixed_old = True
     result, output, stability, passes = stable_relabel(
         relabeler, on_u[cluster_on], on_l[cluster_on], on_l["targets"], n_old, predicted[ids],
         list(range(n_old, n_old + k)), min_stability, resamples, fraction, seed)

@@ -151,6 +151,7 @@ def continual(
     consolidation_stability: bool = True,
     domain: InputComplexity | None = None,
     pool_off_domain: bool = True,
+    consolidation_fixed_anchors: bool = False,
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -161,7 +162,7 @@ def continual(
         PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
         max_rounds, seed, consolidate, consolidation_stability, pseudo_labels, score_fit, domain,
-        pool_off_domain)
+        pool_off_domain, consolidation_fixed_anchors)
     return loop.run()
 
 
@@ -205,8 +206,10 @@ class ContinualLoop:
     ``pool_age`` is how many rounds a rejected sample may wait in the pool; ``consolidate``
     relabels the discovered classes at the stream's end (:meth:`_consolidate`), and with
     ``consolidation_stability`` drops the outputs whose relabeled cluster fails ``accept``'s
-    stability test; ``domain`` (e.g. :class:`components.domain.InputComplexity`), fitted on the
-    held-out known-class images, flags the samples that are off the domain: with
+    stability test, and with ``consolidation_fixed_anchors`` clusters with the labeled classes'
+    centroids fixed at their exemplars' means (``SemiSupervisedKMeans.fixed_old``); ``domain``
+    (e.g. :class:`components.domain.InputComplexity`), fitted on the held-out known-class
+    images, flags the samples that are off the domain: with
     ``pool_off_domain`` they may be pooled and ``accept`` judges each cluster by how many of its
     members are (``max_off_domain``); without it they never enter the pool.
     """
@@ -215,7 +218,7 @@ class ContinualLoop:
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
                  pool_age, max_rounds, seed, consolidate, consolidation_stability=True,
                  pseudo_labels="cluster", score_fit="memory", domain=None,
-                 pool_off_domain=True) -> None:
+                 pool_off_domain=True, consolidation_fixed_anchors=False) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if pseudo_labels not in ("cluster", "core"):
@@ -255,6 +258,7 @@ class ContinualLoop:
         self.admit = None if pool_off_domain else ~self.off_domain  # which samples may be pooled
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
         self.consolidate, self.consolidation_stability = consolidate, consolidation_stability
+        self.consolidation_fixed_anchors = consolidation_fixed_anchors
         self.device = idist.device()
         self.state = LoopState(pool, memory)
         self._clock = time.perf_counter()
@@ -539,7 +543,7 @@ class ContinualLoop:
         student, entry, _ = relabel_discovered(self.model, self.model, memory, p.stream, n_old, names,
                                             self.augment, self.cache, self.device, self.labeler,
                                             self.representation, self.cluster_on, self.keep_fraction,
-                                            **stability)
+                                            fixed_anchors=self.consolidation_fixed_anchors, **stability)
         record["consolidation"] = entry
         if student is None:
             return

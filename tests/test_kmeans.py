@@ -232,3 +232,29 @@ def test_refine_moves_the_pools_new_centroids_to_where_the_whole_stream_puts_the
     with pytest.raises(ValueError, match="no new cluster"):
         nothing_new = dataclasses.replace(found, centroids=found.centroids[:2])
         labeler.refine(nothing_new, stream, labeled, labeled_y, 2)
+
+
+def test_fixed_old_centroids_stay_at_their_labeled_means_and_keep_a_new_class_its_own():
+    """A tail class with 5 labeled samples next to a new class of 300 (all unlabeled): GCD's
+    k-means lets the new samples nearest the old centroid move it into the new class, which it
+    then splits; with ``fixed_old`` the centroid stays at the labeled mean and only the new
+    class's near edge is called old."""
+    from components.kmeans import SemiSupervisedKMeans
+
+    rng = np.random.default_rng(0)
+
+    def draw(n, centre, spread=0.5):
+        return (np.array(centre) + spread * rng.standard_normal((n, 2))).astype(np.float32)
+
+    labeled, labeled_y = np.concatenate([draw(5, [0, 0]), draw(50, [40, 0])]), np.repeat([0, 1], [5, 50])
+    unlabeled = np.concatenate([draw(300, [5, 0], 1.5), draw(300, [0, 20])])  # two new classes
+    means = np.stack([labeled[labeled_y == c].mean(0) for c in (0, 1)])
+    moving = SemiSupervisedKMeans(k_new=2, normalize=False)(unlabeled, labeled, labeled_y, 2)
+    fixed = SemiSupervisedKMeans(k_new=2, normalize=False, fixed_old=True)(unlabeled, labeled, labeled_y, 2)
+
+    np.testing.assert_allclose(fixed.centroids[:2], means, atol=1e-5)
+    assert np.linalg.norm(moving.centroids[0] - means[0]) > 2.5  # dragged into the new class
+    assert (moving.labels[:300] == 0).mean() > 0.35
+    assert (fixed.labels[:300] == 0).mean() < 0.1
+    # the other new class has its own cluster either way
+    assert len(set(fixed.labels[300:].tolist())) == 1 and fixed.labels[300] >= 2
