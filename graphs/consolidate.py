@@ -38,6 +38,7 @@ from components.acceptance import jaccard_stability
 from components.cache import FeatureCache
 from components.data import ImageSet, concat_images, take_images
 from components.kmeans import confident
+from components.metrics import cluster_truth
 from graphs.encode import encode
 from graphs.handlers import rank_zero
 from graphs.train import distill
@@ -76,7 +77,8 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     ``entry["kept"]`` lists the outputs the student keeps (output ``kept[j]`` is its output
     ``n_old + j``; the others are dropped, one at a time, each followed by a new clustering with
     one cluster fewer: ``entry["reclustered"]`` lists them in order with every output's stability
-    in that pass).
+    in that pass); ``labeled_ids`` / ``labeled_clusters`` are the candidates the clustering gave
+    a labeled class (:func:`left_to_labeled` turns them into a report).
     With fewer than two candidates per discovered class, or no stable cluster, the student and
     engine are None and ``entry["decision"]`` says why. ``fixed_anchors`` keeps the labeled
     classes' centroids at their labeled samples' means (``SemiSupervisedKMeans.fixed_old``; the
@@ -117,6 +119,7 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     keep[keep] = np.isin([output[c] for c in result.labels[keep]], kept)
     entry["ids"] = ids[keep]
     entry["targets"] = np.array([renumber[output[c]] for c in result.labels[keep]], dtype=np.int64)
+    entry["labeled_ids"], entry["labeled_clusters"] = ids[~new], result.labels[~new]  # for the report
     if len(kept) < k:  # the student has only the kept outputs (the teacher speaks for the labeled ones)
         learner.keep_outputs(list(range(n_old)) + kept)
     taught = ImageSet(concat_images([labeled.images, take_images(stream.images, entry["ids"])]),
@@ -124,6 +127,16 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
                       list(names[:n_old]) + [names[o] for o in kept], f"{stream.name}/labeled+relabeled")
     engine = distill(learner, FirstOutputs(teacher, n_old), taught, augment, device)
     return learner, entry, engine
+
+
+def left_to_labeled(entry: dict, truth: np.ndarray) -> None:
+    """Replace ``entry``'s ``labeled_ids`` / ``labeled_clusters`` (the candidates the clustering
+    gave a labeled class: they are not relabeled) by ``entry["to_labeled"]``, one row per labeled
+    class with their number and what they really are (``truth``: the stream's targets, for the
+    report only; a whole new class found here is one the discovered outputs had no cluster for)."""
+    ids, clusters = entry.pop("labeled_ids"), entry.pop("labeled_clusters")
+    entry["to_labeled"] = [{"class": int(c), "size": int((clusters == c).sum())}
+                           | cluster_truth(truth[ids[clusters == c]]) for c in np.unique(clusters)]
 
 
 def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
@@ -189,4 +202,4 @@ def output_stability(labels: np.ndarray, output: dict[int, int], x_u: np.ndarray
     return {int(output[c]): float(v) for c, v in zip(clusters, stability, strict=True)}
 
 
-__all__ = ["FirstOutputs", "consolidate", "output_stability", "stable_relabel"]
+__all__ = ["FirstOutputs", "consolidate", "left_to_labeled", "output_stability", "stable_relabel"]

@@ -61,6 +61,7 @@ from components.metrics import cluster_truth, continual_summary, grouped_accurac
 from components.pool import SamplePool
 from components.scores import Score
 from graphs.consolidate import consolidate as relabel_discovered
+from graphs.consolidate import left_to_labeled
 from graphs.encode import encode
 from graphs.handlers import (
     CheckedDiskSaver,
@@ -151,7 +152,7 @@ def continual(
     consolidation_stability: bool = True,
     domain: InputComplexity | None = None,
     pool_off_domain: bool = True,
-    consolidation_fixed_anchors: bool = False,
+    consolidation_fixed_anchors: bool = True,
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -218,7 +219,7 @@ class ContinualLoop:
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
                  pool_age, max_rounds, seed, consolidate, consolidation_stability=True,
                  pseudo_labels="cluster", score_fit="memory", domain=None,
-                 pool_off_domain=True, consolidation_fixed_anchors=False) -> None:
+                 pool_off_domain=True, consolidation_fixed_anchors=True) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if pseudo_labels not in ("cluster", "core"):
@@ -550,6 +551,7 @@ class ContinualLoop:
         pseudo_ids, pseudo_targets = entry.pop("ids"), entry.pop("targets")
         kept = entry.get("kept", list(range(n_old, n_all)))
         truth = p.stream.targets.numpy()  # for the report only
+        left_to_labeled(entry, truth)
         entry["outputs"] = [{"id": n_old + j, "was": o, "size": int((pseudo_targets == n_old + j).sum()),
                              "truth": cluster_truth(truth[pseudo_ids][pseudo_targets == n_old + j])}
                             for j, o in enumerate(kept)]

@@ -28,6 +28,7 @@ from components.recalibration import discovered_offset, known_prior_adjustment
 from components.scores import Score
 from components.thresholds import FalseAlarmRate
 from graphs.consolidate import consolidate as relabel_discovered
+from graphs.consolidate import left_to_labeled
 from graphs.encode import encode
 from graphs.evaluate import evaluate
 from graphs.handlers import RunDir, describe, log, rank_zero, save_checkpoint
@@ -257,6 +258,7 @@ def _consolidate(run_dir, student, teacher, protocol, position, augment, cache, 
         device, labeler, representation, cluster_on, keep_fraction)
     if relabeled is None:
         return student, entry
+    left_to_labeled(entry, seen.targets.numpy())
     truth = seen.targets.numpy()[entry.pop("ids")]  # for the report only
     targets = entry.pop("targets")
     entry["outputs"] = [cluster_truth(truth[targets == c]) | {"id": int(c), "size": int((targets == c).sum())}

@@ -41,6 +41,7 @@ def _strict_json(path: Path) -> dict:
 
 
 TEACHERS: list[tuple[int, int]] = []  # (teacher outputs, student outputs) of every distill call
+LABELER_CALLS: list[tuple[str, bool]] = []  # ("round" or "consolidation", the labeler's fixed_old)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def finished(tmp_path_factory) -> Path:
 
     loop = importlib.import_module("graphs.continual")  # the module (graphs exports a function of that name)
     relabel = importlib.import_module("graphs.consolidate")
-    real = loop.distill
+    real, relabel_real = loop.distill, relabel.stable_relabel
 
     def recording(student, teacher, images, augment, device):
         modes = [m.training for m in (student, teacher, augment)]
@@ -62,11 +63,28 @@ def finished(tmp_path_factory) -> Path:
             module.train(mode)
         return real(student, teacher, images, augment, device)
 
+    from components.kmeans import SemiSupervisedKMeans
+
+    stage, cluster = ["round"], SemiSupervisedKMeans.__call__
+
+    def clustering(labeler, *args, **kwargs):
+        LABELER_CALLS.append((stage[0], labeler.fixed_old))
+        return cluster(labeler, *args, **kwargs)
+
+    def relabeling(*args, **kwargs):
+        stage[0] = "consolidation"
+        try:
+            return relabel_real(*args, **kwargs)
+        finally:
+            stage[0] = "round"
+
     folder = tmp_path_factory.mktemp("continual")
     os.chdir(ROOT)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "distill", recording)
         patch.setattr(relabel, "distill", recording)
+        patch.setattr(relabel, "stable_relabel", relabeling)
+        patch.setattr(SemiSupervisedKMeans, "__call__", clustering)
         assert main(_argv(folder / "run", folder / "cache")) == 0
     return folder / "run"
 
@@ -84,6 +102,28 @@ def test_consolidation_is_taught_the_labeled_classes_only(finished):
         assert student == teacher + len(r["outputs"]) + len(r.get("dropped_outputs", []))
     consolidation = m["rounds"][-1]["consolidation"]  # its student keeps only the stable outputs
     assert TEACHERS[-1] == (n_old, n_old + len(consolidation["outputs"]))
+    # consolidation clusters the model's new samples with the labeled classes' centroids fixed
+    # (continual.consolidation_fixed_anchors); the rounds' labeler is left as configured
+    assert {fixed for stage, fixed in LABELER_CALLS if stage == "consolidation"} == {True}
+    assert {fixed for stage, fixed in LABELER_CALLS if stage == "round"} == {False}
+    # the candidates it gave a labeled class are reported, not relabeled
+    to_labeled = consolidation["to_labeled"]
+    assert all(0 <= row["class"] < n_old and row["size"] > 0 for row in to_labeled)
+    assert (sum(row["size"] for row in to_labeled) + sum(o["size"] for o in consolidation["outputs"])
+            <= consolidation["candidates"])
+
+
+def test_the_consolidation_table_lists_every_relabeled_output_and_every_labeled_class_it_fed(finished):
+    m = _strict_json(finished / "metrics.json")
+    consolidation = m["rounds"][-1]["consolidation"]
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "consolidation_table.py"), str(finished)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.count("| relabeled |") == len(consolidation["outputs"])
+    assert out.count("| labeled class ") == len(consolidation["to_labeled"])
+    assert f"{consolidation['candidates']} candidates" in out
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "consolidation_table.py"), str(ROOT)],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no metrics.json" in missing.stderr
 
 
 def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
