@@ -100,6 +100,9 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     if hasattr(relabeler, "overcluster"):  # one cluster per output
         relabeler.overcluster = 1
     if fixed_anchors:  # the candidates are the model's new ones: they may not move a labeled class
+        if not hasattr(relabeler, "fixed_old"):
+            raise ValueError(f"fixed_anchors needs a labeler that can fix the labeled classes' centroids "
+                             f"(SemiSupervisedKMeans.fixed_old); {type(labeler).__name__} cannot")
         relabeler.fixed_old = True
     result, output, stability, passes = stable_relabel(
         relabeler, on_u[cluster_on], on_l[cluster_on], on_l["targets"], n_old, predicted[ids],

@@ -250,6 +250,10 @@ class ContinualLoop:
         if getattr(accept, "max_off_domain", None) is not None and domain is None:
             raise ValueError("ClusterAcceptance.max_off_domain judges clusters by their off-domain samples, "
                              "which needs a domain test: set continual.domain = @InputComplexity()")
+        if consolidate and consolidation_fixed_anchors and not hasattr(labeler, "fixed_old"):
+            raise ValueError(f"continual.consolidation_fixed_anchors clusters with the labeled classes' "
+                             f"centroids fixed, which {type(labeler).__name__} cannot do: set "
+                             f"continual.consolidation_fixed_anchors = False, or use SemiSupervisedKMeans")
         if not pool_off_domain and domain is None:
             raise ValueError("continual.pool_off_domain = False keeps off-domain samples out of the pool, "
                              "which needs a domain test: set continual.domain = @InputComplexity()")

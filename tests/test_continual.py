@@ -307,6 +307,15 @@ def test_off_domain_options_without_a_domain_test_are_refused_before_training(tm
     assert not list((tmp_path / "run2").glob("versions/v*"))
 
 
+def test_fixed_anchors_with_a_labeler_that_cannot_fix_them_are_refused_before_training(tmp_path, capsys):
+    parametric = ["import components.parametric", "continual.labeler = @SelfDistillationLabeler()",
+                  "SelfDistillationLabeler.init = @SemiSupervisedKMeans()"]
+    assert main(_argv(tmp_path / "run", tmp_path / "cache", *parametric)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "SelfDistillationLabeler" in err and "continual.consolidation_fixed_anchors = False" in err
+    assert not list((tmp_path / "run").glob("versions/v*"))
+
+
 def test_the_report_links_plots_that_exist(finished):
     import re
 
