@@ -58,6 +58,7 @@ INTERRUPTED = 130
 RUN_CONFIG = "run_config.gin"  # the resolved configuration, written when the folder is made
 FINISHED = "finished"  # written last, after metrics, report and plots: the run is complete
 DISTRIBUTED = "distributed.json"  # a distributed run's processes and what each parsed
+ENVIRONMENT = "environment.json"  # where the run finished: versions, threads, processor, device
 # the graphs that run in several processes; the others refuse --nproc > 1 and torchrun
 DISTRIBUTED_GRAPHS = ("lifecycle",)
 
@@ -272,10 +273,36 @@ def execute(run_dir: RunDir, distributed: dict | None = None) -> int:
         log_file.unlink(missing_ok=True)
     if distributed is not None:
         run_dir.write_json(DISTRIBUTED, distributed)
+    run_dir.write_json(ENVIRONMENT, environment() | {"resumed_stages": list(stages.resumed)})
     run_dir.write_text(FINISHED, "")
     show_metrics(metrics)
     console.print(f"run directory: [bold]{run_dir.path}[/]")  # shown even with --quiet
     return 0
+
+
+def environment() -> dict:
+    """What a run's numbers depend on besides its configuration: the library versions, torch's
+    CPU threads, the processes, the processor and the device. Float sums are not associative,
+    so a different thread count or processor changes the last bits of a reduction, and a loop
+    of many decisions (which cluster is accepted, when the pool fires) can amplify them into
+    different results from the same files and seed (docs/reliability.md)."""
+    import platform
+    from importlib import metadata
+
+    versions = {}
+    for package in ("torch", "torchvision", "pytorch-ignite", "faiss-cpu", "faiss-gpu", "numpy",
+                    "scikit-learn", "gin-config"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    processor = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        processor = names[0].strip() if names else processor
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"python": platform.python_version(), "versions": versions, "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "processes": idist.get_world_size(),
+            "cpu_count": os.cpu_count(), "processor": processor, "machine": platform.machine(),
+            "device": device}
 
 
 # ---------------------------------------------------------------------- several processes

@@ -90,6 +90,8 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_metrics(reference, tmp_p
     resumed = _run(_argv(run_dir, cache))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed: run-01-train" in " ".join(resumed.stderr.split())  # it says what it skipped
+    resumed_stages = json.loads((run_dir / "environment.json").read_text())["resumed_stages"]
+    assert resumed_stages[0].startswith("run-01-train (")  # (done) or (epoch N): recorded beside the metrics
     assert _results(run_dir) == _results(reference / "run")
     assert not (run_dir / "stages").exists()  # the finished run keeps no epoch checkpoints
 

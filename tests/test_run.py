@@ -93,6 +93,11 @@ def test_whole_loop_on_digits(tmp_path):
     assert metrics["pool"]["size"] > 0
     operative = (run_dir / "operative_config.gin").read_text()
     assert "lifecycle" in operative and "SamplePool.trigger_size = 120" in operative
+    # where it ran, for whoever reproduces it: the thread count changes the last bits of a sum
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["threads"] == torch.get_num_threads() and environment["processes"] == 1
+    assert environment["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert environment["device"] == "cpu" and environment["resumed_stages"] == []
     checkpoints = {c.name.split("_")[0]: c for c in (run_dir / "checkpoints").glob("*.pt")}
     assert metrics["consolidation"] is None  # off by default since refine ('new') replaced it
     assert metrics["pseudo_labels"]["not_pooled"]["new"] > 0  # refine taught seen samples too
