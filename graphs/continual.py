@@ -153,6 +153,8 @@ def continual(
     domain: InputComplexity | None = None,
     pool_off_domain: bool = True,
     consolidation_fixed_anchors: bool = True,
+    consolidation_added: int = 0,
+    consolidation_territory: float = 0.75,
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -163,7 +165,7 @@ def continual(
         PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
         max_rounds, seed, consolidate, consolidation_stability, pseudo_labels, score_fit, domain,
-        pool_off_domain, consolidation_fixed_anchors)
+        pool_off_domain, consolidation_fixed_anchors, consolidation_added, consolidation_territory)
     return loop.run()
 
 
@@ -208,7 +210,11 @@ class ContinualLoop:
     relabels the discovered classes at the stream's end (:meth:`_consolidate`), and with
     ``consolidation_stability`` drops the outputs whose relabeled cluster fails ``accept``'s
     stability test, and with ``consolidation_fixed_anchors`` clusters with the labeled classes'
-    centroids fixed at their exemplars' means (``SemiSupervisedKMeans.fixed_old``); ``domain``
+    centroids fixed at their exemplars' means (``SemiSupervisedKMeans.fixed_old``), and with
+    ``consolidation_added`` > 0 may add up to that many outputs: a group of candidates the
+    clustering gives a labeled class from farther than ``consolidation_territory`` neighbouring-
+    class spacings gets a cluster of its own, and a stable cluster no output matches becomes a
+    class "discovered in consolidation" (:func:`graphs.consolidate.far_groups`); ``domain``
     (e.g. :class:`components.domain.InputComplexity`), fitted on the held-out known-class
     images, flags the samples that are off the domain: with
     ``pool_off_domain`` they may be pooled and ``accept`` judges each cluster by how many of its
@@ -219,7 +225,8 @@ class ContinualLoop:
                  gate, threshold, temperature_scaling, representation, cluster_on, keep_fraction,
                  pool_age, max_rounds, seed, consolidate, consolidation_stability=True,
                  pseudo_labels="cluster", score_fit="memory", domain=None,
-                 pool_off_domain=True, consolidation_fixed_anchors=True) -> None:
+                 pool_off_domain=True, consolidation_fixed_anchors=True, consolidation_added=0,
+                 consolidation_territory=0.75) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if pseudo_labels not in ("cluster", "core"):
@@ -254,6 +261,9 @@ class ContinualLoop:
             raise ValueError(f"continual.consolidation_fixed_anchors clusters with the labeled classes' "
                              f"centroids fixed, which {type(labeler).__name__} cannot do: set "
                              f"continual.consolidation_fixed_anchors = False, or use SemiSupervisedKMeans")
+        if consolidation_added < 0 or consolidation_territory <= 0:
+            raise ValueError(f"need continual.consolidation_added >= 0 and consolidation_territory > 0, got "
+                             f"{consolidation_added} and {consolidation_territory}")
         if not pool_off_domain and domain is None:
             raise ValueError("continual.pool_off_domain = False keeps off-domain samples out of the pool, "
                              "which needs a domain test: set continual.domain = @InputComplexity()")
@@ -264,6 +274,7 @@ class ContinualLoop:
         self.pool_age, self.max_rounds, self.seed = pool_age, max_rounds, seed
         self.consolidate, self.consolidation_stability = consolidate, consolidation_stability
         self.consolidation_fixed_anchors = consolidation_fixed_anchors
+        self.consolidation_added, self.consolidation_territory = consolidation_added, consolidation_territory
         self.device = idist.device()
         self.state = LoopState(pool, memory)
         self._clock = time.perf_counter()
@@ -548,17 +559,22 @@ class ContinualLoop:
         student, entry, _ = relabel_discovered(self.model, self.model, memory, p.stream, n_old, names,
                                             self.augment, self.cache, self.device, self.labeler,
                                             self.representation, self.cluster_on, self.keep_fraction,
-                                            fixed_anchors=self.consolidation_fixed_anchors, **stability)
+                                            fixed_anchors=self.consolidation_fixed_anchors,
+                                            territory=self.consolidation_territory,
+                                            max_added=self.consolidation_added, **stability)
         record["consolidation"] = entry
         if student is None:
             return
         pseudo_ids, pseudo_targets = entry.pop("ids"), entry.pop("targets")
         kept = entry.get("kept", list(range(n_old, n_all)))
+        added = entry.get("added", [])  # names of the outputs consolidation adds, after the kept ones
         truth = p.stream.targets.numpy()  # for the report only
         left_to_labeled(entry, truth)
         entry["outputs"] = [{"id": n_old + j, "was": o, "size": int((pseudo_targets == n_old + j).sum()),
                              "truth": cluster_truth(truth[pseudo_ids][pseudo_targets == n_old + j])}
-                            for j, o in enumerate(kept)]
+                            for j, o in enumerate(kept + [None] * len(added))]
+        for row, a in zip(entry["outputs"][len(kept):], added, strict=True):  # "was" None: added here
+            row |= {"name": a["name"], "stability": a["stability"]}
         entry["dropped_outputs"] = [{"id": o, "name": names[o], "stability": entry["stability"][o]}
                                     for o in range(n_old, n_all) if o not in kept]
         before, after = self._val_correct(self.model), self._val_correct(student)
@@ -570,8 +586,11 @@ class ContinualLoop:
         if not promoted:
             return
         self.model = student
-        if len(kept) < n_all - n_old:  # the class table and the memory follow the dropped outputs
+        if len(kept) < n_all - n_old or added:  # the class table and the memory follow the outputs
             st.classes = st.classes[:n_old] + [st.classes[o] | {"id": n_old + j} for j, o in enumerate(kept)]
+            st.classes += [{"id": n_old + len(kept) + j, "name": a["name"], "labeled": 0, "pseudo_labels": 0,
+                            "origin": f"discovered in consolidation (round {r})", "round": r,
+                            "stability": a["stability"]} for j, a in enumerate(added)]
             st.memory.keep_classes(list(range(n_old)) + kept)
             n_all = len(st.classes)
         student_features = self._encode(student, p.stream)["features"][pseudo_ids]

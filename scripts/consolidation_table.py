@@ -29,9 +29,10 @@ def table(run: Path) -> list[str]:
     head = f"{entry['candidates']} candidates; {entry['decision']}: {entry.get('why', '')}"
     lines = [f"## {run}", "", head, "", "| cluster | output (was) | size | majority | purity | stability |",
              "|---|---|---|---|---|---|"]
-    for o in entry["outputs"]:
-        s = stability.get(str(o["was"]))
-        lines.append(f"| relabeled | {o['id']} ({o['was']}) | {o['size']} | {name(o['truth']['majority'])} | "
+    for o in entry["outputs"]:  # "was" None: an output consolidation added (continual.consolidation_added)
+        s = o.get("stability") if o["was"] is None else stability.get(str(o["was"]))
+        kind, was = ("added", "new") if o["was"] is None else ("relabeled", o["was"])
+        lines.append(f"| {kind} | {o['id']} ({was}) | {o['size']} | {name(o['truth']['majority'])} | "
                      f"{o['truth']['purity']:.2f} | {'–' if s is None else f'{s:.2f}'} |")
     for d in entry.get("dropped_outputs", []):
         lines.append(f"| dropped | – ({d['id']}) | – | – | – | {d['stability']:.2f} |")

@@ -221,6 +221,32 @@ def test_a_strict_gate_drops_outputs_and_every_version_matches_its_class_table(t
     assert len(m["classes"]) == 5 + m["discovered"]
 
 
+def test_outputs_consolidation_adds_are_in_the_table_the_weights_and_the_report(tmp_path):
+    """continual.consolidation_added: a group of candidates that the relabeling gives a labeled
+    class from beyond the territory gets a cluster, and a stable one no output matches becomes a
+    class "discovered in consolidation". (Digits never fire at the measured bound, 0.75: a rare
+    digit's look-alikes lie within 0.6 of the spacing; 0.05 makes every such group fire.)"""
+    run = tmp_path / "run"
+    assert main(_argv(run, tmp_path / "cache", "continual.consolidation_added = 2",
+                      "continual.consolidation_territory = 0.05")) == 0
+    m = _strict_json(run / "metrics.json")
+    consolidation = m["rounds"][-1]["consolidation"]
+    added = [o for o in consolidation["outputs"] if o["was"] is None]
+    assert [o["name"] for o in added] == [a["name"] for a in consolidation["added"]]
+    assert added, "a territory of 0.05 was expected to add an output"
+    assert all(o["stability"] >= 0.5 and o["size"] > 0 for o in added)  # stable, and taught
+    n_old, table = 5, m["classes"]
+    from_consolidation = [c for c in table if c["origin"].startswith("discovered in consolidation")]
+    assert [c["id"] for c in from_consolidation] == [o["id"] for o in added] == list(
+        range(len(table) - len(added), len(table)))
+    assert all(c["pseudo_labels"] > 0 for c in table[n_old:])  # every output has exemplars to replay
+    final = sorted((run / "versions").iterdir(), key=lambda f: int(f.name[1:]))[-1]
+    assert torch.load(final / "model.pt", weights_only=True)["classifier.weight"].shape[0] == len(table)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "consolidation_table.py"), str(run)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.count("| added |") == len(added)
+
+
 def _files(folder: Path) -> dict[Path, tuple[int, bytes]]:
     return {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in folder.rglob("*") if f.is_file()}
 

@@ -417,6 +417,35 @@ def test_consolidation_drops_the_weakest_output_and_clusters_again_so_a_cut_clas
     assert sorted(output.values()) == [5, 6, 7] and stability == {} and passes == []
 
 
+def test_a_group_given_to_a_far_labeled_centroid_gets_a_cluster_and_a_new_output_of_its_own():
+    """Consolidation with fixed anchors and one output for two new classes: k-means puts the one
+    free cluster on the far class and the other goes to the nearest labeled centroid, 0.7
+    spacings from it, where only a class's fringe belongs (rare-class look-alikes lie at 0.2).
+    With ``max_extra`` the group gets a cluster of its own, which no output matches: a fresh
+    output, numbered after the given ones. The look-alikes stay with their class."""
+    from graphs.consolidate import far_groups, stable_relabel
+
+    rng = np.random.default_rng(0)
+    blob = lambda centre, n: (rng.normal(0, 0.5, (n, 2)) + centre).astype(np.float32)  # noqa: E731
+    x_l = np.concatenate([blob((0, 0), 30), blob((10, 0), 30), blob((0, 10), 30)])
+    y_l = np.repeat([0, 1, 2], 30)  # neighbouring labeled classes 10 apart
+    far_class, near_class, lookalikes = blob((20, 20), 100), blob((10, -7), 60), blob((0.5, 2), 20)
+    x_new = np.concatenate([far_class, near_class, lookalikes])
+    predicted = np.full(len(x_new), 3)  # the model has one discovered output for all of them
+    labeler = SemiSupervisedKMeans(k_new=1, normalize=False, n_init=3, seed=0, fixed_old=True,
+                                   min_cluster_size=10)
+    result, output, _, _ = stable_relabel(labeler, x_new, x_l, y_l, 3, predicted, [3])
+    assert output == {3: 3} and (result.labels[100:160] == 1).all()  # the near class: labeled 1's
+    assert far_groups(labeler, result.labels, x_new, x_l, y_l, 3, territory=0.5) == [1]
+    assert far_groups(labeler, result.labels, x_new, x_l, y_l, 3, territory=0.75) == []  # 0.7 < 0.75
+    result, output, stability, _ = stable_relabel(labeler, x_new, x_l, y_l, 3, predicted, [3],
+                                                  min_stability=0.5, resamples=3, territory=0.5, max_extra=2)
+    assert sorted(output.values()) == [3, 4] and stability[4] >= 0.5
+    by_output = {o: result.labels == c for c, o in output.items()}
+    assert by_output[3][:100].all() and by_output[4][100:160].all()  # one output per class
+    assert (result.labels[160:] == 0).all()  # the look-alikes stay with labeled class 0
+
+
 @pytest.mark.parametrize("second_pass, kept", [(0.55, [5]), (0.93, [5, 6])])
 def test_an_output_that_dissolved_once_must_come_back_clearly_stable(monkeypatch, second_pass, kept):
     """Output 6 dissolves beside a weaker 7 (0.49 and 0.37): 7 goes first. Clustered again, 6
