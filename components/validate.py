@@ -151,6 +151,8 @@ RULES: dict[str, Rule] = {
                       low_open=True),
     "pool_age": at_least(1, "rounds a sample may wait in the pool"),
     "max_rounds": at_least(1, "at least one round"),
+    "consolidation_added": at_least(0, "the outputs consolidation may add (0: none)"),
+    "consolidation_territory": above(0, "a multiple of the spacing between neighbouring labeled classes"),
 }
 # Rules by how a name ends, for names the table above does not list.
 SUFFIX_RULES: dict[str, Rule] = {
