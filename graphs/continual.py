@@ -567,7 +567,7 @@ class ContinualLoop:
             return
         pseudo_ids, pseudo_targets = entry.pop("ids"), entry.pop("targets")
         kept = entry.get("kept", list(range(n_old, n_all)))
-        added = entry.get("added", [])  # names of the outputs consolidation adds, after the kept ones
+        added = entry.get("added", [])  # the outputs consolidation adds ({name, stability}), after the kept
         truth = p.stream.targets.numpy()  # for the report only
         left_to_labeled(entry, truth)
         entry["outputs"] = [{"id": n_old + j, "was": o, "size": int((pseudo_targets == n_old + j).sum()),
