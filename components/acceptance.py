@@ -94,6 +94,14 @@ def jaccard_stability(labels: np.ndarray, clusters: list[int], recluster: Callab
     return total / resamples
 
 
+def neighbour_spacing(means: np.ndarray) -> float:
+    """The median distance from each class mean ``[n, D]`` (n >= 2) to its nearest other one: the
+    scale the territory tests measure distances in."""
+    between = np.linalg.norm(means[:, None] - means[None], axis=2)
+    np.fill_diagonal(between, np.inf)
+    return float(np.median(between.min(1)))
+
+
 @gin.configurable
 class ClusterAcceptance:
     """The rule of the module docstring. Call it with the clustering, the unlabeled (pool) and
@@ -140,9 +148,7 @@ class ClusterAcceptance:
         typical_radius = float(np.median(radius[reliable])) if reliable.any() else float(radius.max() or 1.0)
         # a radius measured on fewer than min_size samples is noise: such a class gets the median
         radius = np.where(reliable, radius, typical_radius)
-        between = np.linalg.norm(means[:, None] - means[None], axis=2)
-        np.fill_diagonal(between, np.inf)
-        typical = float(np.median(between.min(1))) if n_old > 1 else float(radius.mean())
+        typical = neighbour_spacing(means) if n_old > 1 else float(radius.mean())
         stability = jaccard_stability(result.labels, clusters, recluster, self.resamples, self.fraction,
                                       np.random.default_rng(self.seed))
         verdicts = []

@@ -34,7 +34,7 @@ from ignite.engine import Engine
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from components.acceptance import jaccard_stability
+from components.acceptance import jaccard_stability, neighbour_spacing
 from components.cache import FeatureCache
 from components.data import ImageSet, concat_images, take_images
 from components.kmeans import confident
@@ -180,9 +180,11 @@ def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.
     ``{cluster: output}`` is empty when every output was dropped."""
     outputs, stability, passes, dissolved = sorted(outputs), {}, [], set()
     fresh_from, extra = max(outputs, default=n_old - 1) + 1, 0
+    geometry = labeler.geometry(x_u, x_l, y_l, n_old) if max_extra > 0 else None  # the same every pass
     while outputs:
         result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, extra)
-        if extra < max_extra and far_groups(labeler, result.labels, x_u, x_l, y_l, n_old, territory):
+        if extra < max_extra and far_groups(result.labels, *geometry, y_l, n_old, territory,
+                                            getattr(labeler, "min_cluster_size", 2)):
             extra += 1
             continue
         fresh = [c for c in range(n_old, len(result.centroids)) if c not in output]
@@ -207,22 +209,19 @@ def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.
     return result, {}, stability, passes
 
 
-def far_groups(labeler: Callable, labels: np.ndarray, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray,
-               n_old: int, territory: float | None) -> list[int]:
-    """The labeled classes whose share of ``x_u`` (``labels`` below ``n_old``; at least the
-    labeler's ``min_cluster_size`` samples) has its mean farther from the class's labeled mean than
-    ``territory`` times the median distance between neighbouring labeled-class means, in the
-    labeler's geometry: not that class's fringe but a group the clustering had no cluster for.
-    (Measured: rare old digits' look-alikes lie at 0.2-0.6 of that spacing, Fashion-MNIST's bags
-    given to the T-shirt's fixed centroid at 1.0-2.0; docs/loop.md.)"""
+def far_groups(labels: np.ndarray, g_u: np.ndarray, g_l: np.ndarray, y_l: np.ndarray, n_old: int,
+               territory: float | None, smallest: int = 2) -> list[int]:
+    """The labeled classes whose share of the unlabeled samples ``g_u`` (``labels`` below
+    ``n_old``; at least ``smallest`` of them) has its mean farther from the class's labeled mean
+    (``g_l`` / ``y_l``) than ``territory`` times the spacing between neighbouring labeled classes
+    (:func:`components.acceptance.neighbour_spacing`), both sets in the labeler's geometry: not
+    that class's fringe but a group the clustering had no cluster for. (Measured: rare old
+    digits' look-alikes lie at 0.2-0.6 of that spacing, Fashion-MNIST's bags given to the
+    T-shirt's fixed centroid at 1.0-2.0; docs/loop.md.)"""
     if territory is None or n_old < 2:
         return []
-    g_u, g_l = labeler.geometry(x_u, x_l, y_l, n_old)
     means = np.stack([g_l[y_l == c].mean(0) for c in range(n_old)])
-    between = np.linalg.norm(means[:, None] - means[None], axis=2)
-    np.fill_diagonal(between, np.inf)
-    spacing = float(np.median(between.min(1)))
-    smallest = getattr(labeler, "min_cluster_size", 2)
+    spacing = neighbour_spacing(means)
     return [c for c in range(n_old) if (labels == c).sum() >= smallest
             and np.linalg.norm(g_u[labels == c].mean(0) - means[c]) > territory * spacing]
 

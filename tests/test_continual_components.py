@@ -436,8 +436,10 @@ def test_a_group_given_to_a_far_labeled_centroid_gets_a_cluster_and_a_new_output
                                    min_cluster_size=10)
     result, output, _, _ = stable_relabel(labeler, x_new, x_l, y_l, 3, predicted, [3])
     assert output == {3: 3} and (result.labels[100:160] == 1).all()  # the near class: labeled 1's
-    assert far_groups(labeler, result.labels, x_new, x_l, y_l, 3, territory=0.5) == [1]
-    assert far_groups(labeler, result.labels, x_new, x_l, y_l, 3, territory=0.75) == []  # 0.7 < 0.75
+    g_u, g_l = labeler.geometry(x_new, x_l, y_l, 3)
+    assert far_groups(result.labels, g_u, g_l, y_l, 3, territory=0.5, smallest=10) == [1]
+    assert far_groups(result.labels, g_u, g_l, y_l, 3, territory=0.75, smallest=10) == []  # 0.7 < 0.75
+    assert far_groups(result.labels, g_u, g_l, y_l, 3, territory=0.5, smallest=61) == []  # 60 samples
     result, output, stability, _ = stable_relabel(labeler, x_new, x_l, y_l, 3, predicted, [3],
                                                   min_stability=0.5, resamples=3, territory=0.5, max_extra=2)
     assert sorted(output.values()) == [3, 4] and stability[4] >= 0.5
