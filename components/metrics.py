@@ -138,6 +138,34 @@ def grouped_accuracy(y_true, y_pred, groups: dict[str, Sequence[int]]) -> dict[s
     return out
 
 
+def own_output_accuracy(y_true, y_pred, classes: Sequence[int]) -> float | None:
+    """Accuracy on the samples of ``classes`` with output ``c`` read as class ``c`` (no Hungarian
+    assignment): how well labeled classes are still told by their own outputs. The clustering
+    accuracy can fall below it without any forgetting: when a new class that has no output of its
+    own is predicted as an old class's output, one assignment over all classes may give that
+    output to the new class. ``None`` without a sample."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    mask = np.isin(y_true, list(classes))
+    return float((y_pred[mask] == y_true[mask]).mean()) if mask.any() else None
+
+
+def where_classes_go(y_true, y_pred, classes: Sequence[int], top: int = 3) -> list[dict]:
+    """For each class in ``classes``: its number of samples and the ``top`` outputs that take most
+    of them, as ``{"class", "samples", "outputs": [[output, share], …]}``, most first. Read from
+    a model's test predictions, it shows which class was absorbed by which output."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    rows = []
+    for c in classes:
+        taken = y_pred[y_true == c]
+        if not len(taken):
+            continue
+        outputs, counts = np.unique(taken, return_counts=True)
+        order = np.argsort(-counts, kind="stable")[:top]
+        rows.append({"class": int(c), "samples": len(taken),
+                     "outputs": [[int(outputs[i]), float(counts[i] / len(taken))] for i in order]})
+    return rows
+
+
 def continual_summary(matrix: Sequence[dict[str, float | None]], groups: Sequence[str]) -> dict:
     """From the accuracy matrix (one dict per round: ``"all"`` and each group, ``None`` where a
     group was not seen yet): the final accuracies, the average incremental accuracy (mean over

@@ -80,13 +80,17 @@ def summarize(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
 
 
 def _continual_summary(runs: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """The continual loop's final accuracies (all, old, new, each phase), forgetting in points,
-    average incremental accuracy, discovered / duplicate / spurious counts and seconds; a value
-    that does not exist in a run (null) is left out of that metric's statistics."""
+    """The continual loop's final accuracies (all, old, new, each phase, old by its own outputs),
+    forgetting in points, average incremental accuracy, discovered / duplicate / spurious counts
+    and seconds; a value that does not exist in a run (null) is left out of that metric's
+    statistics."""
     out = {f"final.{k}": _stats([r["final"][k] for r in runs]) for k in ("all", "old", "new")}
     for i in range(len(runs[0]["final"]["phases"])):
         out[f"final.phase{i + 1}"] = _stats([r["final"]["phases"][i] for r in runs])
     out["forgetting.old"] = _stats([r["forgetting"]["old"] for r in runs])
+    # the labeled classes by their own outputs (no Hungarian assignment); runs before it have none
+    out["final.old_own"] = _stats([r["final"].get("old_own") for r in runs])
+    out["forgetting.old_own"] = _stats([r["forgetting"].get("old_own") for r in runs])
     for i in range(len(runs[0]["forgetting"]["phases"])):
         out[f"forgetting.phase{i + 1}"] = _stats([r["forgetting"]["phases"][i] for r in runs])
     out["average_incremental"] = _stats([r["average_incremental"] for r in runs])

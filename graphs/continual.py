@@ -57,7 +57,13 @@ from components.data import ImageSet, ProtocolData, concat_images, take_images
 from components.domain import InputComplexity
 from components.kmeans import KMeansResult, confident
 from components.memory import LABELED, STREAM, ExemplarMemory
-from components.metrics import cluster_truth, continual_summary, grouped_accuracy
+from components.metrics import (
+    cluster_truth,
+    continual_summary,
+    grouped_accuracy,
+    own_output_accuracy,
+    where_classes_go,
+)
 from components.pool import SamplePool
 from components.scores import Score
 from graphs.consolidate import consolidate as relabel_discovered
@@ -696,6 +702,8 @@ class ContinualLoop:
         test = self._encode(self.model, self.protocol.test)
         groups = self._groups(self.state.position)
         accuracy = grouped_accuracy(test["targets"], test["logits"].argmax(1), groups)
+        # beside the clustering accuracy: the labeled classes read by their own outputs
+        accuracy["old_own"] = own_output_accuracy(test["targets"], test["logits"].argmax(1), groups["old"])
         for phase in range(1, len(self.protocol.phases)):
             accuracy.setdefault(f"phase {phase}", None)
         accuracy.setdefault("new", None)
@@ -730,7 +738,7 @@ class ContinualLoop:
         p, st = self.protocol, self.state
         matrix = [r["accuracy"] for r in st.rounds]
         phase_names = [f"phase {i}" for i in range(1, len(p.phases))]
-        summary = continual_summary(matrix, ["old", *phase_names])
+        summary = continual_summary(matrix, ["old", "old_own", *phase_names])
         final = summary["final"]
         discovered = [c for c in st.classes if c["origin"] != "labeled"]
         accepted = [a for r in st.rounds for a in r["accepted"]]
@@ -748,12 +756,22 @@ class ContinualLoop:
             sum(n for c, n in matched.items() if 0 <= c < p.n_old)
         spurious = sum(1 for a in promoted if a["truth"]["majority"] == -1)
         stream_truth = p.stream.targets.numpy()
+        test = self._encode(self.model, p.test)  # the final model's test predictions, class by class
+        seen = [c for ids in self._groups(st.position).values() for c in ids]
+        names = {c["id"]: c["name"] for c in st.classes}
+        test_classes = [row | {"class": p.class_names[row["class"]],
+                               "outputs": [[names[o], share] for o, share in row["outputs"]]}
+                        for row in where_classes_go(test["targets"], test["logits"].argmax(1),
+                                                    list(dict.fromkeys(seen)))]
         return finite_json({
             "protocol": p.name, "seed": self.seed, "graph": "continual",
             "final": {"all": final["all"], "old": final["old"], "new": final.get("new"),
-                      "phases": [final.get(name) for name in phase_names]},
+                      "phases": [final.get(name) for name in phase_names],
+                      "old_own": final.get("old_own")},
             "forgetting": {"old": summary["forgetting"]["old"],
-                           "phases": [summary["forgetting"][name] for name in phase_names]},
+                           "phases": [summary["forgetting"][name] for name in phase_names],
+                           "old_own": summary["forgetting"]["old_own"]},
+            "test_classes": test_classes,
             "average_incremental": summary["average_incremental"],
             "matrix": matrix,
             "discovered": len(discovered), "true_new": p.n_new, "duplicates": duplicates,

@@ -191,6 +191,8 @@ def _continual_rows(m: dict) -> list[tuple[str, str]]:
         ("average incremental accuracy (%)", _pct(m["average_incremental"])),
         ("forgetting, old / each phase (points)",
          " / ".join(_points(v) for v in [forgetting["old"], *forgetting["phases"]])),
+        ("old classes by their own outputs, no Hungarian (%) / forgetting (points)",
+         f"{_pct(final.get('old_own'))} / {_points(forgetting.get('old_own'))}"),
         ("classes discovered (true new) / duplicates / spurious",
          f"{m['discovered']} ({m['true_new']}) / {m['duplicates']} / {m['spurious']}"),
         ("rounds / current version", f"{len(m['rounds']) - 1} / v{m['version']}"),
@@ -262,6 +264,15 @@ def write_continual_report(run_dir, m: dict, state, protocol) -> Path:
             decision = r["consolidation"].get("decision", "not run")
             lines.append(f"  - consolidation ({decision}): test accuracy (all / old / new) "
                          f"{three(before)} % before, {three(r['accuracy'])} % after")
+    if m.get("test_classes"):
+        lines += ["", "## Where each class's test images go", "",
+                  "The final model's predictions on the test images of every class seen, the outputs that "
+                  "take most of them. A class with no output of its own shows up in another's, and the "
+                  "accuracies above, after one Hungarian assignment, may then give that output to it.", "",
+                  "| class | test images | outputs (share) |", "|---|---|---|"]
+        for row in m["test_classes"]:
+            lines.append(f"| {row['class']} | {row['samples']} | " + ", ".join(
+                f"{name} {_pct(share)} %" for name, share in row["outputs"]) + " |")
     lines += ["", "## Lineage", "", "| version | parent | round | classes | decision |",
               "|---|---|---|---|---|"]
     versions = sorted((run_dir.path / "versions").glob("v*"), key=lambda f: int(f.name[1:]))

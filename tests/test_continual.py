@@ -132,8 +132,22 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
     assert rounds[0]["round"] == 0 and rounds[-1]["position"] == m["stream"]["length"]  # all of it
     assert len(rounds) >= 3
     assert all(a["position"] <= b["position"] for a, b in zip(rounds, rounds[1:], strict=False))
-    assert set(m["final"]) == {"all", "old", "new", "phases"} and len(m["final"]["phases"]) == 2
+    assert set(m["final"]) == {"all", "old", "new", "phases", "old_own"} and len(m["final"]["phases"]) == 2
     assert len(m["forgetting"]["phases"]) == 2 and len(m["matrix"]) == len(rounds)
+    # the labeled classes by their own outputs, every round, and where each class's test images went
+    assert all(0 <= row["old_own"] <= 1 for row in m["matrix"])
+    assert m["final"]["old_own"] == m["matrix"][-1]["old_own"]
+    assert m["forgetting"]["old_own"] == pytest.approx(
+        100 * (max(row["old_own"] for row in m["matrix"][:-1]) - m["final"]["old_own"]))
+    names = {c["name"] for c in m["classes"]}
+    assert [row["class"] for row in m["test_classes"]] == [str(c) for c in range(10)]  # every class was seen
+    for row in m["test_classes"]:
+        assert row["samples"] > 0 and all(name in names for name, _ in row["outputs"])
+        shares = [share for _, share in row["outputs"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    own = [next((share for name, share in row["outputs"] if name == row["class"]), 0.0) * row["samples"]
+           for row in m["test_classes"][:5]]  # an old class's own output, when it is in its top 3
+    assert sum(own) / sum(row["samples"] for row in m["test_classes"][:5]) <= m["final"]["old_own"] + 1e-9
     # the loop learned: old classes kept, new classes found and recognized (floors far below
     # what the full schedule reaches, above what a model without discovery could score)
     assert m["final"]["old"] >= 0.85
@@ -351,6 +365,13 @@ def test_the_report_links_plots_that_exist(finished):
     assert all((finished / name).is_file() for name in linked)
     assert "## Lineage" in report and "| v0 | – | 0 |" in report
     assert "the pool held (true classes, never read by a decision): " in report
+    m = _strict_json(finished / "metrics.json")
+    assert "## Where each class's test images go" in report
+    first = m["test_classes"][0]
+    assert (f"| {first['class']} | {first['samples']} | {first['outputs'][0][0]} "
+            f"{100 * first['outputs'][0][1]:.1f} %") in report
+    assert f"| old classes by their own outputs, no Hungarian (%) / forgetting (points) | " \
+           f"{100 * m['final']['old_own']:.1f} / " in report
     # what consolidation changed, as measured on the test set (this run consolidates: the loop
     # test above reads its record)
     last = _strict_json(finished / "metrics.json")["rounds"][-1]
@@ -427,6 +448,8 @@ def test_seeds_summarizes_continual_runs(finished):
     other["final"]["all"], other["forgetting"]["old"] = 0.5, None
     out = summarize([m, other])
     assert out["final.all"]["values"] == [m["final"]["all"], 0.5]
-    assert {"final.phase1", "final.phase2", "forgetting.old", "discovered", "spurious"} <= set(out)
+    assert {"final.phase1", "final.phase2", "forgetting.old", "discovered", "spurious", "final.old_own",
+            "forgetting.old_own"} <= set(out)
+    assert out["final.old_own"]["values"] == [m["final"]["old_own"]] * 2
     expected = [] if m["forgetting"]["old"] is None else [m["forgetting"]["old"]]
     assert out["forgetting.old"]["values"] == expected  # a null is left out, not averaged as 0

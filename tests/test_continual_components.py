@@ -13,7 +13,13 @@ from components.acceptance import ClusterAcceptance, PromotionGate, jaccard_stab
 from components.data import Distractors, ImageSet, make_protocol
 from components.kmeans import SemiSupervisedKMeans
 from components.memory import ExemplarMemory, herding
-from components.metrics import cluster_truth, continual_summary, grouped_accuracy
+from components.metrics import (
+    cluster_truth,
+    continual_summary,
+    grouped_accuracy,
+    own_output_accuracy,
+    where_classes_go,
+)
 
 # ------------------------------------------------------------------------------- phased streams
 
@@ -527,6 +533,21 @@ def test_grouped_accuracy_uses_one_assignment_over_the_seen_classes():
     assert out["all"] == pytest.approx(7 / 8) and out["old"] == 1.0 and out["phase 1"] == pytest.approx(3 / 4)
     unseen = grouped_accuracy(y_true, y_pred, {"old": [0, 1], "phase 2": [9]})
     assert unseen["phase 2"] is None and unseen["all"] == 1.0
+
+
+def test_old_classes_by_their_own_outputs_are_not_permuted_by_a_new_class_without_an_output():
+    # a new class (2) with no output of its own is predicted as old class 1's output, and more
+    # often than class 1 itself: one Hungarian assignment gives output 1 to class 2
+    y_true = np.array([0, 0, 1, 1, 2, 2, 2])
+    y_pred = np.array([0, 0, 1, 0, 1, 1, 1])
+    hungarian = grouped_accuracy(y_true, y_pred, {"old": [0, 1], "phase 1": [2]})
+    assert hungarian["old"] == pytest.approx(2 / 4)  # class 1's right answer now counts as wrong
+    assert own_output_accuracy(y_true, y_pred, [0, 1]) == pytest.approx(3 / 4)
+    assert own_output_accuracy(y_true, y_pred, [7]) is None
+    rows = where_classes_go(y_true, y_pred, [0, 1, 2, 7], top=2)
+    assert [r["class"] for r in rows] == [0, 1, 2]  # a class without a sample has no row
+    assert rows[1] == {"class": 1, "samples": 2, "outputs": [[0, 0.5], [1, 0.5]]}
+    assert rows[2]["outputs"] == [[1, 1.0]]  # the absorbed class: all of it in output 1
 
 
 def test_continual_summary_final_average_and_forgetting():
