@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import gin
 import numpy as np
 import torch
 from ignite.engine import Engine
@@ -141,7 +142,8 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
                       torch.cat([labeled.targets, torch.from_numpy(entry["targets"])]),
                       [*names[:n_old], *new_names],
                       f"{stream.name}/labeled+relabeled")
-    engine = distill(learner, FirstOutputs(teacher, n_old), taught, augment, device)
+    with gin.config_scope("consolidate"):  # `consolidate/distill.<arg>` binds this distillation alone
+        engine = distill(learner, FirstOutputs(teacher, n_old), taught, augment, device)
     return learner, entry, engine
 
 

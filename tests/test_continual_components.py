@@ -565,3 +565,43 @@ def test_continual_summary_final_average_and_forgetting():
 def test_cluster_truth_names_the_majority_and_the_distractor_share():
     out = cluster_truth(np.array([5, 5, 5, -1]))
     assert out == {"majority": 5, "purity": 0.75, "distractors": 0.25}
+
+
+def test_consolidation_distills_under_its_own_gin_scope(tmp_path, monkeypatch):
+    """`consolidate/distill.<arg>` binds consolidation's distillation alone; every other
+    distillation (the rounds') keeps `distill.<arg>`."""
+    import copy
+
+    import gin
+
+    import components.losses  # noqa: F401  (DistillLoss)
+    import graphs.train as training
+    from components.cache import FeatureCache
+    from components.data.loading import BatchAugment
+    from components.models import Network, SmallConvNet
+    from graphs.consolidate import consolidate
+
+    samplers = []
+    real_loader = training._loader
+    monkeypatch.setattr(training, "_loader", lambda images, batch_size, **kw:
+                        samplers.append(kw["sampler"]) or real_loader(images, batch_size, **kw))
+    g = torch.Generator().manual_seed(0)
+    labeled = ImageSet(torch.randint(0, 255, (16, 1, 8, 8), generator=g, dtype=torch.uint8),
+                       torch.arange(16) % 2, ["a", "b"], "labeled")
+    stream = ImageSet(torch.randint(0, 255, (24, 1, 8, 8), generator=g, dtype=torch.uint8),
+                      torch.full((24,), -1), ["a", "b"], "stream")
+    torch.manual_seed(0)
+    model = Network(SmallConvNet(in_channels=1, width=4), 2).grow(1)
+    with torch.no_grad():
+        model.classifier.bias[2] = 50.0  # every stream sample is a candidate of the discovered output
+    with gin.unlock_config():
+        gin.parse_config(["distill.loss = @DistillLoss()", "distill.epochs = 1", "distill.batch_size = 8",
+                          "distill.sampler = 'instance'", "consolidate/distill.sampler = 'class_balanced'"])
+        gin.bind_parameter("distill.optimizer", lambda params: torch.optim.SGD(params, lr=0.01))
+    student, entry, _ = consolidate(model, model, labeled, stream, 2, ["a", "b", "new-1-0"], BatchAugment(),
+                                    FeatureCache(str(tmp_path / "cache")), torch.device("cpu"),
+                                    SemiSupervisedKMeans(k_new=1, normalize=False, seed=0), None, "features")
+    assert student is not None and entry["candidates"] == 24
+    assert samplers == ["class_balanced"]
+    training.distill(copy.deepcopy(model), model, labeled, BatchAugment(), torch.device("cpu"))
+    assert samplers == ["class_balanced", "instance"]  # outside the scope: the unscoped binding
