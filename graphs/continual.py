@@ -759,7 +759,7 @@ class ContinualLoop:
         test = self._encode(self.model, p.test)  # the final model's test predictions, class by class
         seen = [c for ids in self._groups(st.position).values() for c in ids]
         names = {c["id"]: c["name"] for c in st.classes}
-        test_classes = [row | {"class": p.class_names[row["class"]],
+        class_outputs = [row | {"class": p.class_names[row["class"]],
                                "outputs": [[names[o], share] for o, share in row["outputs"]]}
                         for row in where_classes_go(test["targets"], test["logits"].argmax(1),
                                                     list(dict.fromkeys(seen)))]
@@ -771,7 +771,7 @@ class ContinualLoop:
             "forgetting": {"old": summary["forgetting"]["old"],
                            "phases": [summary["forgetting"][name] for name in phase_names],
                            "old_own": summary["forgetting"]["old_own"]},
-            "test_classes": test_classes,
+            "class_outputs": class_outputs,
             "average_incremental": summary["average_incremental"],
             "matrix": matrix,
             "discovered": len(discovered), "true_new": p.n_new, "duplicates": duplicates,

@@ -264,13 +264,13 @@ def write_continual_report(run_dir, m: dict, state, protocol) -> Path:
             decision = r["consolidation"].get("decision", "not run")
             lines.append(f"  - consolidation ({decision}): test accuracy (all / old / new) "
                          f"{three(before)} % before, {three(r['accuracy'])} % after")
-    if m.get("test_classes"):
+    if m.get("class_outputs"):
         lines += ["", "## Where each class's test images go", "",
                   "The final model's predictions on the test images of every class seen, the outputs that "
                   "take most of them. A class with no output of its own shows up in another's, and the "
                   "accuracies above, after one Hungarian assignment, may then give that output to it.", "",
                   "| class | test images | outputs (share) |", "|---|---|---|"]
-        for row in m["test_classes"]:
+        for row in m["class_outputs"]:
             lines.append(f"| {row['class']} | {row['samples']} | " + ", ".join(
                 f"{name} {_pct(share)} %" for name, share in row["outputs"]) + " |")
     lines += ["", "## Lineage", "", "| version | parent | round | classes | decision |",

@@ -140,14 +140,14 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
     assert m["forgetting"]["old_own"] == pytest.approx(
         100 * (max(row["old_own"] for row in m["matrix"][:-1]) - m["final"]["old_own"]))
     names = {c["name"] for c in m["classes"]}
-    assert [row["class"] for row in m["test_classes"]] == [str(c) for c in range(10)]  # every class was seen
-    for row in m["test_classes"]:
+    assert [row["class"] for row in m["class_outputs"]] == [str(c) for c in range(10)]  # every class was seen
+    for row in m["class_outputs"]:
         assert row["samples"] > 0 and all(name in names for name, _ in row["outputs"])
         shares = [share for _, share in row["outputs"]]
         assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     own = [next((share for name, share in row["outputs"] if name == row["class"]), 0.0) * row["samples"]
-           for row in m["test_classes"][:5]]  # an old class's own output, when it is in its top 3
-    assert sum(own) / sum(row["samples"] for row in m["test_classes"][:5]) <= m["final"]["old_own"] + 1e-9
+           for row in m["class_outputs"][:5]]  # an old class's own output, when it is in its top 3
+    assert sum(own) / sum(row["samples"] for row in m["class_outputs"][:5]) <= m["final"]["old_own"] + 1e-9
     # the loop learned: old classes kept, new classes found and recognized (floors far below
     # what the full schedule reaches, above what a model without discovery could score)
     assert m["final"]["old"] >= 0.85
@@ -367,7 +367,7 @@ def test_the_report_links_plots_that_exist(finished):
     assert "the pool held (true classes, never read by a decision): " in report
     m = _strict_json(finished / "metrics.json")
     assert "## Where each class's test images go" in report
-    first = m["test_classes"][0]
+    first = m["class_outputs"][0]
     assert (f"| {first['class']} | {first['samples']} | {first['outputs'][0][0]} "
             f"{100 * first['outputs'][0][1]:.1f} %") in report
     assert f"| old classes by their own outputs, no Hungarian (%) / forgetting (points) | " \
