@@ -701,9 +701,10 @@ class ContinualLoop:
     def _evaluate(self) -> dict:
         test = self._encode(self.model, self.protocol.test)
         groups = self._groups(self.state.position)
-        accuracy = grouped_accuracy(test["targets"], test["logits"].argmax(1), groups)
+        predicted = test["logits"].argmax(1)
+        accuracy = grouped_accuracy(test["targets"], predicted, groups)
         # beside the clustering accuracy: the labeled classes read by their own outputs
-        accuracy["old_own"] = own_output_accuracy(test["targets"], test["logits"].argmax(1), groups["old"])
+        accuracy["old_own"] = own_output_accuracy(test["targets"], predicted, groups["old"])
         for phase in range(1, len(self.protocol.phases)):
             accuracy.setdefault(f"phase {phase}", None)
         accuracy.setdefault("new", None)
