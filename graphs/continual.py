@@ -401,6 +401,7 @@ class ContinualLoop:
                           "k_estimated": None, "accepted": [], "rejected": [],
                           "promotion": {"decision": "v0", "why": "trained on the labeled classes"},
                           "version": 0, "classes": len(st.classes), "accuracy": accuracy,
+                          "class_outputs": self._class_outputs(),
                           "val_accuracy": self._val_accuracy(self.model)})
         log.info(f"round 0: v0 on {p.n_old} classes, test accuracy {_pct(accuracy['all'])} %")
 
@@ -439,6 +440,7 @@ class ContinualLoop:
         record["classes"] = len(st.classes)
         record["version"] = st.version
         record["accuracy"] = self._evaluate()
+        record["class_outputs"] = self._class_outputs()
         record["seconds"] = time.perf_counter() - started
         st.rounds.append(finite_json(record))
         st.round = r
@@ -710,6 +712,18 @@ class ContinualLoop:
         accuracy.setdefault("new", None)
         return finite_json(accuracy)
 
+    def _class_outputs(self) -> list[dict]:
+        """Where the current model sends the test images of each class seen so far: the outputs
+        (by name) that take most of them (for the report: a class absorbed by another's output
+        shows up here round by round; no decision reads it)."""
+        p, st = self.protocol, self.state
+        test = self._encode(self.model, p.test)  # a cache hit: _evaluate encoded it for this model
+        seen = list(dict.fromkeys(c for ids in self._groups(st.position).values() for c in ids))
+        names = {c["id"]: c["name"] for c in st.classes}
+        return [row | {"class": p.class_names[row["class"]],
+                       "outputs": [[names[o], share] for o, share in row["outputs"]]}
+                for row in where_classes_go(test["targets"], test["logits"].argmax(1), seen)]
+
     def _write_version(self) -> None:
         """``versions/v<n>/`` for the current version, once its state is saved: the model's
         weights, its class table (with the parent version, the round and the decision that made
@@ -757,13 +771,6 @@ class ContinualLoop:
             sum(n for c, n in matched.items() if 0 <= c < p.n_old)
         spurious = sum(1 for a in promoted if a["truth"]["majority"] == -1)
         stream_truth = p.stream.targets.numpy()
-        test = self._encode(self.model, p.test)  # the final model's test predictions, class by class
-        seen = [c for ids in self._groups(st.position).values() for c in ids]
-        names = {c["id"]: c["name"] for c in st.classes}
-        class_outputs = [row | {"class": p.class_names[row["class"]],
-                               "outputs": [[names[o], share] for o, share in row["outputs"]]}
-                        for row in where_classes_go(test["targets"], test["logits"].argmax(1),
-                                                    list(dict.fromkeys(seen)))]
         return finite_json({
             "protocol": p.name, "seed": self.seed, "graph": "continual",
             "final": {"all": final["all"], "old": final["old"], "new": final.get("new"),
@@ -772,7 +779,7 @@ class ContinualLoop:
             "forgetting": {"old": summary["forgetting"]["old"],
                            "phases": [summary["forgetting"][name] for name in phase_names],
                            "old_own": summary["forgetting"]["old_own"]},
-            "class_outputs": class_outputs,
+            "class_outputs": self._class_outputs(),
             "average_incremental": summary["average_incremental"],
             "matrix": matrix,
             "discovered": len(discovered), "true_new": p.n_new, "duplicates": duplicates,

@@ -273,6 +273,22 @@ def write_continual_report(run_dir, m: dict, state, protocol) -> Path:
         for row in m["class_outputs"]:
             lines.append(f"| {row['class']} | {row['samples']} | " + ", ".join(
                 f"{name} {_pct(share)} %" for name, share in row["outputs"]) + " |")
+    by_round = [r for r in m["rounds"] if r.get("class_outputs")]
+    if by_round:
+        lines += ["", "## Round by round", "",
+                  "The output that takes most of each class's test images after every round (its share), "
+                  "from the class's first segment on: a new class taken by another class's output was "
+                  "absorbed by it, and stays out of the pool while that output is sure of it.", "",
+                  "| class | " + " | ".join(f"round {r['round']}" for r in by_round) + " |",
+                  "|---|" + "---|" * len(by_round)]
+        classes = list(dict.fromkeys(row["class"] for r in by_round for row in r["class_outputs"]))
+        for name in classes:
+            cells = []
+            for r in by_round:
+                row = next((row for row in r["class_outputs"] if row["class"] == name), None)
+                top = row["outputs"][0] if row and row["outputs"] else None
+                cells.append("–" if top is None else f"{top[0]} {_pct(top[1])} %")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Lineage", "", "| version | parent | round | classes | decision |",
               "|---|---|---|---|---|"]
     versions = sorted((run_dir.path / "versions").glob("v*"), key=lambda f: int(f.name[1:]))

@@ -148,6 +148,12 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
     own = [next((share for name, share in row["outputs"] if name == row["class"]), 0.0) * row["samples"]
            for row in m["class_outputs"][:5]]  # an old class's own output, when it is in its top 3
     assert sum(own) / sum(row["samples"] for row in m["class_outputs"][:5]) <= m["final"]["old_own"] + 1e-9
+    # the same, after every round: v0 sees the old classes only, the last round is the final model
+    old = [str(c) for c in range(5)]
+    assert [row["class"] for row in rounds[0]["class_outputs"]] == old
+    assert {name for row in rounds[0]["class_outputs"] for name, _ in row["outputs"]} <= set(old)
+    assert rounds[-1]["class_outputs"] == m["class_outputs"]
+    assert all(len(r["class_outputs"]) >= 5 for r in rounds)
     # the loop learned: old classes kept, new classes found and recognized (floors far below
     # what the full schedule reaches, above what a model without discovery could score)
     assert m["final"]["old"] >= 0.85
@@ -370,6 +376,10 @@ def test_the_report_links_plots_that_exist(finished):
     first = m["class_outputs"][0]
     assert (f"| {first['class']} | {first['samples']} | {first['outputs'][0][0]} "
             f"{100 * first['outputs'][0][1]:.1f} %") in report
+    assert "## Round by round" in report
+    top = [r["class_outputs"][0]["outputs"][0] for r in m["rounds"]]  # the first old class, every round
+    assert (f"| {first['class']} | " + " | ".join(f"{name} {100 * share:.1f} %" for name, share in top)
+            + " |") in report
     assert f"| old classes by their own outputs, no Hungarian (%) / forgetting (points) | " \
            f"{100 * m['final']['old_own']:.1f} / " in report
     # what consolidation changed, as measured on the test set (this run consolidates: the loop
