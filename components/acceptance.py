@@ -64,6 +64,10 @@ class Verdict:
     reasons: list[str]
     merged_into: int | None = None  # the bigger accepted cluster it joins, if any
     off_domain: float | None = None  # the fraction of its members off the domain, when measured
+    # distance to the nearest other accepted cluster of the round, in the spacing units of
+    # ``spread`` (None when no other cluster was accepted); recorded, not tested: no distance told
+    # one class found twice from two classes (docs/loop.md#round-by-round-where-the-new-classes-go)
+    nearest_accepted: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,6 +186,11 @@ class ClusterAcceptance:
                                "lies outside the held-out known-class images')")
             verdicts.append(Verdict(c, size, float(stability[i]), separation, spread, tightness,
                                     not reasons, reasons, off_domain=off))
+        accepted = [v for v in verdicts if v.accepted]
+        for v in accepted:
+            gaps = [np.linalg.norm(result.centroids[v.cluster] - result.centroids[o.cluster]) / typical
+                    for o in accepted if o is not v]
+            v.nearest_accepted = float(min(gaps)) if gaps else None
         if self.merge:
             self._merge(verdicts, result, x_u)
         return verdicts

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.datasets import make_blobs
 
-from components.acceptance import ClusterAcceptance, PromotionGate, jaccard_stability
+from components.acceptance import ClusterAcceptance, PromotionGate, jaccard_stability, neighbour_spacing
 from components.data import Distractors, ImageSet, make_protocol
 from components.kmeans import SemiSupervisedKMeans
 from components.memory import ExemplarMemory, herding
@@ -262,6 +262,11 @@ def test_acceptance_rejects_near_copies_and_merges_a_class_found_twice():
     kept = [v for v in verdicts.values() if v.accepted and v.merged_into is None]
     merged = [v for v in verdicts.values() if v.merged_into is not None]
     assert len(kept) == 1 and len(merged) == 1 and merged[0].merged_into == kept[0].cluster
+    # each accepted half records how far the other lies, in known-class spacings; the rejected none
+    means = np.stack([x_l[y_l == c].mean(0) for c in range(3)])
+    gap = np.linalg.norm(result.centroids[3] - result.centroids[4]) / neighbour_spacing(means)
+    assert verdicts[3].nearest_accepted == pytest.approx(gap) == verdicts[4].nearest_accepted
+    assert verdicts[5].nearest_accepted is None
     assert not ClusterAcceptance(min_size=10, min_stability=0.0, merge=False)(
         result, pool, x_l, y_l, 3, lambda idx: result.labels[idx])[1].merged_into
 
