@@ -68,6 +68,7 @@ class Verdict:
     # ``spread`` (None when no other cluster was accepted); recorded, not tested: no distance told
     # one class found twice from two classes (docs/loop.md#round-by-round-where-the-new-classes-go)
     nearest_accepted: float | None = None
+    nearest_cluster: int | None = None  # that cluster's id
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,9 +189,12 @@ class ClusterAcceptance:
                                     not reasons, reasons, off_domain=off))
         accepted = [v for v in verdicts if v.accepted]
         for v in accepted:
-            gaps = [np.linalg.norm(result.centroids[v.cluster] - result.centroids[o.cluster]) / typical
-                    for o in accepted if o is not v]
-            v.nearest_accepted = float(min(gaps)) if gaps else None
+            here = result.centroids[v.cluster]
+            gaps = {o.cluster: np.linalg.norm(here - result.centroids[o.cluster]) / typical
+                    for o in accepted if o is not v}
+            if gaps:
+                v.nearest_cluster = min(gaps, key=gaps.get)
+                v.nearest_accepted = float(gaps[v.nearest_cluster])
         if self.merge:
             self._merge(verdicts, result, x_u)
         return verdicts

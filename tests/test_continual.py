@@ -126,6 +126,22 @@ def test_the_consolidation_table_lists_every_relabeled_output_and_every_labeled_
     assert missing.returncode == 2 and "no metrics.json" in missing.stderr
 
 
+def test_the_verdicts_table_lists_every_judged_cluster_and_the_nearest_pairs(finished):
+    m = _strict_json(finished / "metrics.json")
+    judged = [v for r in m["rounds"] for v in r["accepted"] + r["rejected"]]
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "verdicts_table.py"), str(finished)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| round")]
+    assert len(rows) == len(judged) and out.count("| accepted |") == sum(v["accepted"] for v in judged)
+    for v in judged:  # every accepted cluster of a round with another accepted one knows its neighbour
+        assert (v["nearest_accepted"] is None) == (v["nearest_cluster"] is None)
+        assert v["nearest_accepted"] is None or (v["accepted"] and v["nearest_accepted"] > 0)
+    assert "one true class (a duplicate):" in out and "two true classes:" in out
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "verdicts_table.py"), str(ROOT)],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no metrics.json" in missing.stderr
+
+
 def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
     m = _strict_json(finished / "metrics.json")  # strict JSON: values that do not exist are null
     rounds = m["rounds"]

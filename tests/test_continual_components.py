@@ -266,7 +266,8 @@ def test_acceptance_rejects_near_copies_and_merges_a_class_found_twice():
     means = np.stack([x_l[y_l == c].mean(0) for c in range(3)])
     gap = np.linalg.norm(result.centroids[3] - result.centroids[4]) / neighbour_spacing(means)
     assert verdicts[3].nearest_accepted == pytest.approx(gap) == verdicts[4].nearest_accepted
-    assert verdicts[5].nearest_accepted is None
+    assert (verdicts[3].nearest_cluster, verdicts[4].nearest_cluster) == (4, 3)
+    assert verdicts[5].nearest_accepted is None and verdicts[5].nearest_cluster is None
     assert not ClusterAcceptance(min_size=10, min_stability=0.0, merge=False)(
         result, pool, x_l, y_l, 3, lambda idx: result.labels[idx])[1].merged_into
 
