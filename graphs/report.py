@@ -278,7 +278,7 @@ def write_continual_report(run_dir, m: dict, state, protocol) -> Path:
         lines += ["", "## Round by round", "",
                   "The output that takes most of each class's test images after every round (its share), "
                   "from the class's first segment on: a new class taken by another class's output was "
-                  "absorbed by it, and stays out of the pool while that output is sure of it.", "",
+                  "absorbed by it, and may stay out of the pool while that output is sure of it.", "",
                   "| class | " + " | ".join(f"round {r['round']}" for r in by_round) + " |",
                   "|---|" + "---|" * len(by_round)]
         classes = list(dict.fromkeys(row["class"] for r in by_round for row in r["class_outputs"]))
