@@ -396,12 +396,12 @@ class ContinualLoop:
             members = labeled["targets"] == c
             st.memory.add_class(c, keys[members], labeled["features"][members])
         self._fit_threshold()
-        accuracy = self._evaluate()
+        accuracy, class_outputs = self._evaluate()
         st.rounds.append({"round": 0, "start": 0, "position": 0, "trigger": None, "pooled": 0,
                           "k_estimated": None, "accepted": [], "rejected": [],
                           "promotion": {"decision": "v0", "why": "trained on the labeled classes"},
                           "version": 0, "classes": len(st.classes), "accuracy": accuracy,
-                          "class_outputs": self._class_outputs(),
+                          "class_outputs": class_outputs,
                           "val_accuracy": self._val_accuracy(self.model)})
         log.info(f"round 0: v0 on {p.n_old} classes, test accuracy {_pct(accuracy['all'])} %")
 
@@ -432,15 +432,14 @@ class ContinualLoop:
             record["promotion"] = {"decision": "nothing pooled",
                                    "why": "no stream sample scored above the threshold"}
         if ended and self.consolidate and len(st.classes) > p.n_old:
-            before = self._evaluate()  # for the report: what consolidation changed (no decision reads it)
+            before, _ = self._evaluate()  # for the report: what consolidation changed (no decision reads it)
             self._consolidate(engine, r, record)
             record["consolidation"]["accuracy_before"] = before
         aged = st.pool.age_out(self.pool_age)
         record["aged_out"] = len(aged)
         record["classes"] = len(st.classes)
         record["version"] = st.version
-        record["accuracy"] = self._evaluate()
-        record["class_outputs"] = self._class_outputs()
+        record["accuracy"], record["class_outputs"] = self._evaluate()
         record["seconds"] = time.perf_counter() - started
         st.rounds.append(finite_json(record))
         st.round = r
@@ -700,29 +699,27 @@ class ContinualLoop:
             groups["new"] = seen_new
         return groups
 
-    def _evaluate(self) -> dict:
-        test = self._encode(self.model, self.protocol.test)
-        groups = self._groups(self.state.position)
+    def _evaluate(self) -> tuple[dict, list[dict]]:
+        """The current model on the test images (for the report; no decision reads them): the
+        accuracy of each class group, and where the test images of each class seen so far go
+        (the outputs, by name, that take most of them: a class absorbed by another's output
+        shows up here round by round)."""
+        p, st = self.protocol, self.state
+        test = self._encode(self.model, p.test)
+        groups = self._groups(st.position)
         predicted = test["logits"].argmax(1)
         accuracy = grouped_accuracy(test["targets"], predicted, groups)
         # beside the clustering accuracy: the labeled classes read by their own outputs
         accuracy["old_own"] = own_output_accuracy(test["targets"], predicted, groups["old"])
-        for phase in range(1, len(self.protocol.phases)):
+        for phase in range(1, len(p.phases)):
             accuracy.setdefault(f"phase {phase}", None)
         accuracy.setdefault("new", None)
-        return finite_json(accuracy)
-
-    def _class_outputs(self) -> list[dict]:
-        """Where the current model sends the test images of each class seen so far: the outputs
-        (by name) that take most of them (for the report: a class absorbed by another's output
-        shows up here round by round; no decision reads it)."""
-        p, st = self.protocol, self.state
-        test = self._encode(self.model, p.test)  # a cache hit: _evaluate encoded it for this model
-        seen = list(dict.fromkeys(c for ids in self._groups(st.position).values() for c in ids))
+        seen = list(dict.fromkeys(c for ids in groups.values() for c in ids))
         names = {c["id"]: c["name"] for c in st.classes}
-        return [row | {"class": p.class_names[row["class"]],
-                       "outputs": [[names[o], share] for o, share in row["outputs"]]}
-                for row in where_classes_go(test["targets"], test["logits"].argmax(1), seen)]
+        class_outputs = [row | {"class": p.class_names[row["class"]],
+                                "outputs": [[names[o], share] for o, share in row["outputs"]]}
+                         for row in where_classes_go(test["targets"], predicted, seen)]
+        return finite_json(accuracy), class_outputs
 
     def _write_version(self) -> None:
         """``versions/v<n>/`` for the current version, once its state is saved: the model's
@@ -779,7 +776,7 @@ class ContinualLoop:
             "forgetting": {"old": summary["forgetting"]["old"],
                            "phases": [summary["forgetting"][name] for name in phase_names],
                            "old_own": summary["forgetting"]["old_own"]},
-            "class_outputs": self._class_outputs(),
+            "class_outputs": st.rounds[-1].get("class_outputs", []),  # the final model
             "average_incremental": summary["average_incremental"],
             "matrix": matrix,
             "discovered": len(discovered), "true_new": p.n_new, "duplicates": duplicates,
