@@ -252,28 +252,64 @@ class KNNDistance(Score):
 class Mahalanobis(Score):
     """Smallest Mahalanobis distance to a class mean of the training features, with one
     covariance shared by all classes (Lee et al., NeurIPS 2018; without their input
-    perturbation and layer ensemble)."""
+    perturbation).
+
+    ``keys`` names the cached outputs it reads: ``("features",)`` by default; several (e.g.
+    ``("tap3", "features")``, earlier stages from :class:`~components.models.Network`'s
+    ``taps``) make Lee et al.'s feature ensemble: one class-conditional Gaussian per layer, each
+    layer's distance standardized by its mean and spread on the fitted samples, and the
+    standardized distances averaged. (Lee et al. weight the layers by a logistic regression fitted
+    on validation samples of the novel data; the loop has none before it discovers, so every
+    layer weighs the same.)"""
 
     name = "mahalanobis"
 
-    def __init__(self) -> None:
-        self.means = self.precision = None
+    def __init__(self, keys: tuple[str, ...] = ("features",)) -> None:
+        if not keys:
+            raise ValueError("Mahalanobis needs at least one output to read: keys = ('features',)")
+        self.keys = tuple(keys)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.spread: list[tuple[float, float]] = []
+        if self.keys != ("features",):
+            self.name = "mahalanobis-" + "+".join(self.keys)
+
+    @property
+    def means(self) -> torch.Tensor | None:
+        """The class means of the last layer read (``None`` before ``fit``)."""
+        return self.layers[-1][0] if self.layers else None
 
     def fit(self, train: Outputs) -> Mahalanobis:
-        features = _get(train, "features", "Mahalanobis").double()
         targets = torch.as_tensor(np.asarray(train["targets"])).long()
         classes = torch.unique(targets)
-        self.means = torch.stack([features[targets == c].mean(0) for c in classes])
-        centered = features - self.means[torch.searchsorted(classes, targets)]
-        covariance = centered.T @ centered / len(features)
-        self.precision = torch.linalg.pinv(covariance, hermitian=True)
+        self.layers, self.spread = [], []
+        for key in self.keys:
+            features = _get(train, key, "Mahalanobis").double()
+            means = torch.stack([features[targets == c].mean(0) for c in classes])
+            centered = features - means[torch.searchsorted(classes, targets)]
+            covariance = centered.T @ centered / len(features)
+            self.layers.append((means, torch.linalg.pinv(covariance, hermitian=True)))
+        if len(self.keys) > 1:
+            for key, layer in zip(self.keys, self.layers, strict=True):
+                d = self._distance(_get(train, key, "Mahalanobis").double(), *layer)
+                self.spread.append((float(d.mean()), float(d.std().clamp_min(1e-12))))
         return self
 
-    def __call__(self, outputs: Outputs) -> torch.Tensor:
-        _needs_fit(self, self.means is not None)
-        x = _get(outputs, "features", "Mahalanobis").double()
+    @staticmethod
+    def _distance(x: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
         # (x - μ)ᵀ P (x - μ) = xᵀPx - 2 xᵀPμ + μᵀPμ, for every class at once
-        xp = x @ self.precision
-        means_p = self.means @ self.precision
-        d = (xp * x).sum(1, keepdim=True) - 2 * xp @ self.means.T + (means_p * self.means).sum(1)
-        return d.amin(dim=1).clamp_min(0).float()
+        xp = x @ precision
+        means_p = means @ precision
+        d = (xp * x).sum(1, keepdim=True) - 2 * xp @ means.T + (means_p * means).sum(1)
+        return d.amin(dim=1).clamp_min(0)
+
+    def __call__(self, outputs: Outputs) -> torch.Tensor:
+        _needs_fit(self, bool(self.layers))
+        distances = [self._distance(_get(outputs, key, "Mahalanobis").double(), *layer)
+                     for key, layer in zip(self.keys, self.layers, strict=True)]
+        if len(distances) == 1:
+            return distances[0].float()
+        return torch.stack([(d - mean) / std for d, (mean, std) in zip(distances, self.spread, strict=True)]
+                           ).mean(0).float()
+
+    def __repr__(self) -> str:
+        return "Mahalanobis()" if self.keys == ("features",) else f"Mahalanobis(keys={self.keys!r})"

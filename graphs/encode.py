@@ -21,8 +21,9 @@ def cache_entry(model: nn.Module, images: ImageSet, augment: nn.Module, views: i
     drawn = f"; {views} augmented views, seed {seed}" if views else ""
     if views and idist.get_world_size() > 1:  # each process draws its share's views
         drawn += f", {idist.get_world_size()} processes"
+    taps = getattr(model, "taps", ())  # the same weights encode more arrays with taps
     parts = {
-        "model": model_fingerprint(model),
+        "model": model_fingerprint(model) + (f"; taps {list(taps)}" if taps else ""),
         "data": data_fingerprint(images.images, images.targets, images.name),
         "preprocess": repr(augment.eval()) + drawn,
     }

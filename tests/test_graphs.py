@@ -86,6 +86,9 @@ def test_encode_caches_and_refuses_stale_entries(tmp_path):
     changed = encode(model, images, augment, cache, CPU)
     assert cache.misses == 2
     assert not np.allclose(changed["logits"], first["logits"])
+    tapped = Network(model.backbone, 3, taps=(3,))  # same weights, one more array: not the same entry
+    tapped.load_state_dict(model.state_dict())
+    assert set(encode(tapped, images, augment, cache, CPU)) == set(first) | {"tap3"} and cache.misses == 3
 
 
 def test_train_learns_and_calls_the_first_step_hook():

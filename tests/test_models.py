@@ -201,3 +201,25 @@ def test_network_encode_keys_and_shapes():
     assert net.num_classes == 5 and net(x).shape == (4, 5)
     with pytest.raises(ValueError, match="num_classes"):
         Network(SmallConvNet(1, width=2), num_classes=0)
+
+
+def test_network_taps_return_the_channel_means_of_earlier_stages():
+    torch.manual_seed(0)
+    backbone = SmallConvNet(1, width=2)
+    net = Network(backbone, num_classes=3, taps=(1, 3)).eval()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        out = net.encode(x)
+        stage3 = backbone.body[:4](x)  # conv blocks 0, 1, pool, block 3
+        untapped = Network(backbone, num_classes=3).eval()
+        untapped.load_state_dict(net.state_dict())
+        reference = untapped.encode(x)
+    assert set(out) == {"tap1", "tap3", "features", "projected", "logits"}
+    assert out["tap1"].shape == (4, 2) and out["tap3"].shape == (4, 4)
+    assert torch.allclose(out["tap3"], stage3.mean(dim=(2, 3)))
+    for key in reference:  # tapping changes nothing else
+        assert torch.allclose(out[key], reference[key])
+    with pytest.raises(ValueError, match="stages before the final pooling"):
+        Network(SmallConvNet(1, width=2), num_classes=3, taps=(7,)).encode(x)
+    with pytest.raises(ValueError, match="does not expose them"):
+        Network(TorchvisionBackbone(torchvision.models.resnet18, in_channels=1), num_classes=3, taps=(1,))

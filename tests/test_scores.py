@@ -90,6 +90,35 @@ def test_mahalanobis_matches_scipy_with_a_shared_covariance():
     assert np.allclose(got, expected, rtol=1e-4)
 
 
+def test_mahalanobis_feature_ensemble_flags_what_only_an_earlier_layer_sees():
+    """Lee et al.'s feature ensemble: one Gaussian per layer, the standardized distances
+    averaged. A sample that is ordinary in the last layer but far off in an earlier one is
+    flagged by the ensemble, not by the last layer alone."""
+    train, targets = _features()
+    early, _ = _features(seed=4)
+    fit = {"features": train, "tap3": early, "targets": targets}
+    ensemble = Mahalanobis(keys=("tap3", "features")).fit(fit)
+    last = Mahalanobis().fit(fit)
+    query, query_early = train[:5].clone(), early[:5].clone()
+    query_early[0] += torch.tensor([0.0, 0.0, 0.0, 12.0])  # off in the early layer only
+    outputs = {"features": query, "tap3": query_early}
+    got = ensemble(outputs)
+    # by hand: each layer's single-layer score, standardized by its distances on the fitted samples
+    expected = 0
+    for key in ("tap3", "features"):
+        single = Mahalanobis(keys=(key,)).fit(fit)
+        on_fit = single({key: fit[key]}).double()
+        expected = expected + (single(outputs).double() - on_fit.mean()) / on_fit.std()
+    assert torch.allclose(got.double(), expected / 2, rtol=1e-4, atol=1e-5)
+    assert got[0] > 3 * got[1:].abs().max()  # the ensemble sees it ...
+    assert last(outputs)[0] < last({"features": train}).quantile(0.9)  # ... the last layer lets it by
+    assert ensemble.name == "mahalanobis-tap3+features" and "keys" in repr(ensemble)
+    with pytest.raises(ValueError, match="needs 'tap3'"):
+        ensemble({"features": query})
+    with pytest.raises(ValueError, match="at least one output"):
+        Mahalanobis(keys=())
+
+
 def test_feature_scores_say_what_they_are_missing():
     with pytest.raises(RuntimeError, match="needs cached training features"):
         KNNDistance(k=3)({"features": torch.randn(2, 4)})

@@ -46,6 +46,23 @@ class SmallConvNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x)
 
+    def forward_taps(self, x: torch.Tensor,
+                     taps: tuple[int, ...]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The features, and the channel means (global average pooling) of the outputs of the
+        stages ``taps`` (indices into ``body``: conv blocks 0, 1, 3, 4, 6; 2 and 5 are the
+        pools), earliest first."""
+        if bad := [t for t in taps if not 0 <= t < len(self.body) - 2]:
+            raise ValueError(f"SmallConvNet taps index its {len(self.body) - 2} stages before the final "
+                             f"pooling (conv blocks 0, 1, 3, 4, 6), got {bad}")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pooled = {}
+        for i, stage in enumerate(self.body):
+            x = stage(x)
+            if i in taps:
+                pooled[i] = x.mean(dim=(2, 3))
+        return x, pooled
+
 
 def _replace_head(model: nn.Module) -> int:
     """Swap the classification head of a torchvision model for Identity; return its width."""

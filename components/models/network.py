@@ -23,7 +23,10 @@ class Network(nn.Module):
     or :class:`CausalNormClassifier`; ``confidence`` an optional second head of the same shape
     (:class:`EvidentialHead`) that scores how sure the model is.
     ``forward`` returns logits; :meth:`encode` returns features, projections and logits, and the
-    confidence head's output as ``evidence`` when there is one.
+    confidence head's output as ``evidence`` when there is one. ``taps`` (stages of a backbone
+    with ``forward_taps``, e.g. :class:`SmallConvNet`'s conv blocks) adds each tapped stage's
+    channel means as ``tap<i>``: the earlier layers a feature-ensemble score reads
+    (:class:`~components.scores.Mahalanobis` with ``keys``).
     """
 
     def __init__(
@@ -33,10 +36,16 @@ class Network(nn.Module):
         projector: Callable[[int], nn.Module] = MLPProjector,
         classifier: Callable[[int, int], GrowingLinear] = GrowingLinear,
         confidence: Callable[[int, int], GrowingLinear] | None = None,
+        taps: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if taps and not hasattr(backbone, "forward_taps"):
+            raise ValueError(f"Network.taps reads earlier stages of the backbone, and "
+                             f"{type(backbone).__name__} does not expose them (forward_taps): use "
+                             "SmallConvNet, or Network.taps = ()")
+        self.taps = tuple(taps)
         self.backbone = backbone
         self.projector = projector(backbone.out_dim)
         self.classifier = classifier(backbone.out_dim, num_classes)
@@ -50,8 +59,12 @@ class Network(nn.Module):
         return self.classifier(self.backbone(x))
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(x)
+        if self.taps:
+            features, tapped = self.backbone.forward_taps(x, self.taps)
+        else:
+            features, tapped = self.backbone(x), {}
         out = {
+            **{f"tap{i}": value for i, value in tapped.items()},
             "features": features,
             "projected": self.projector(features),
             "logits": self.classifier(features),
