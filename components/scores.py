@@ -273,11 +273,6 @@ class Mahalanobis(Score):
         if self.keys != ("features",):
             self.name = "mahalanobis-" + "+".join(self.keys)
 
-    @property
-    def means(self) -> torch.Tensor | None:
-        """The class means of the last layer read (``None`` before ``fit``)."""
-        return self.layers[-1][0] if self.layers else None
-
     def fit(self, train: Outputs) -> Mahalanobis:
         targets = torch.as_tensor(np.asarray(train["targets"])).long()
         classes = torch.unique(targets)
@@ -286,11 +281,10 @@ class Mahalanobis(Score):
             features = _get(train, key, "Mahalanobis").double()
             means = torch.stack([features[targets == c].mean(0) for c in classes])
             centered = features - means[torch.searchsorted(classes, targets)]
-            covariance = centered.T @ centered / len(features)
-            self.layers.append((means, torch.linalg.pinv(covariance, hermitian=True)))
-        if len(self.keys) > 1:
-            for key, layer in zip(self.keys, self.layers, strict=True):
-                d = self._distance(_get(train, key, "Mahalanobis").double(), *layer)
+            precision = torch.linalg.pinv(centered.T @ centered / len(features), hermitian=True)
+            self.layers.append((means, precision))
+            if len(self.keys) > 1:  # the ensemble standardizes each layer on the fitted samples
+                d = self._distance(features, means, precision)
                 self.spread.append((float(d.mean()), float(d.std().clamp_min(1e-12))))
         return self
 
