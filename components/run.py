@@ -497,7 +497,10 @@ def _work(spec: dict) -> int:
 
 
 # bindings that say where things go, not what is computed: a run may resume with them changed
-WHERE_ONLY = ("FeatureCache.root", "FeatureCache.max_bytes", "tensorboard.log_dir")
+# bindings that say where files go, or add a diagnostic file, and change no result: a run may be
+# resumed with them changed
+WHERE_ONLY = ("FeatureCache.root", "FeatureCache.max_bytes", "tensorboard.log_dir",
+              "continual.consolidation_inputs")
 
 
 def _results_config(config: str) -> list[str]:

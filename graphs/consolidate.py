@@ -18,6 +18,10 @@ an output that duplicates a class or holds a rare old class's look-alikes leaves
 leftovers (distractors, a class's fringe) that no resampling finds again, and a class cut in
 two by one output too many is whole again once that output has gone.
 
+With ``inputs_to`` the clustering's inputs are written to a file (:func:`save_inputs`), so that
+the relabeling can be replayed offline in seconds under other settings
+(``scripts/consolidation_replay.py``) instead of running the loop again.
+
 The continual loop runs it once at the stream's end (``continual.consolidate``), the
 single-round loop after its distillation (``lifecycle.consolidate``); docs/loop.md and
 docs/suite.md measure both.
@@ -26,7 +30,11 @@ docs/suite.md measure both.
 from __future__ import annotations
 
 import copy
+import importlib
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import gin
 import numpy as np
@@ -65,8 +73,8 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
                 labeler: Callable, representation: Callable | None, cluster_on: str,
                 keep_fraction: float = 1.0, min_stability: float = 0.0, resamples: int = 5,
                 fraction: float = 0.8, seed: int = 0, fixed_anchors: bool = False,
-                territory: float | None = None,
-                max_added: int = 0) -> tuple[nn.Module | None, dict, Engine | None]:
+                territory: float | None = None, max_added: int = 0,
+                inputs_to: Path | None = None) -> tuple[nn.Module | None, dict, Engine | None]:
     """Relabel ``model``'s discovered outputs (``n_old`` and up, named by ``names``) from the
     ``stream`` samples it assigns to them and distill a student on ``labeled`` (classes below
     ``n_old``) plus those labels, with ``teacher`` (first ``n_old`` outputs) for the labeled
@@ -88,7 +96,8 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     clustering gives a labeled class but that lies beyond ``territory`` (:func:`far_groups`)
     gets a cluster of its own, up to ``max_added`` of them, and a cluster no output matches
     becomes a new output when it is stable: ``entry["added"]`` lists them (``name``
-    ``new-c-<j>``, ``stability``), the student's outputs after the kept ones."""
+    ``new-c-<j>``, ``stability``), the student's outputs after the kept ones. ``inputs_to``: a
+    file to write the clustering's inputs to (:func:`save_inputs`)."""
     logits = encode(model, stream, augment, cache, device)["logits"]
     predicted, k = logits.argmax(1), logits.shape[1] - n_old  # k: the discovered outputs
     ids = np.flatnonzero(predicted >= n_old)
@@ -110,10 +119,15 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
             raise ValueError(f"fixed_anchors needs a labeler that can fix the labeled classes' centroids "
                              f"(SemiSupervisedKMeans.fixed_old); {type(labeler).__name__} cannot")
         relabeler.fixed_old = True
+    settings = dict(min_stability=min_stability, resamples=resamples, fraction=fraction, seed=seed,
+                    territory=territory, max_extra=max_added)
+    if inputs_to is not None:
+        save_inputs(inputs_to, relabeler, on_u[cluster_on], on_l[cluster_on], on_l["targets"], n_old,
+                    predicted[ids], list(range(n_old, n_old + k)), settings, ids,
+                    stream.targets.numpy()[ids])
     result, output, stability, passes = stable_relabel(
         relabeler, on_u[cluster_on], on_l[cluster_on], on_l["targets"], n_old, predicted[ids],
-        list(range(n_old, n_old + k)), min_stability, resamples, fraction, seed,
-        territory=territory, max_extra=max_added)
+        list(range(n_old, n_old + k)), **settings)
     dropped = [p["dropped"] for p in passes]
     kept = [o for o in range(n_old, n_old + k) if o not in dropped]
     added = sorted(o for o in set(output.values()) if o >= n_old + k)  # clusters no output matched
@@ -145,6 +159,60 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     with gin.config_scope("consolidate"):  # `consolidate/distill.<arg>` binds this distillation alone
         engine = distill(learner, FirstOutputs(teacher, n_old), taught, augment, device)
     return learner, entry, engine
+
+
+def save_inputs(path: Path, labeler, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
+                predicted: np.ndarray, outputs: list[int], settings: dict, ids: np.ndarray,
+                truth: np.ndarray) -> None:
+    """Write what :func:`stable_relabel` is called with to ``path`` (``.npz``, written under a
+    temporary name and renamed into place): the candidates' and the labeled anchors' features,
+    the anchors' classes, the output each candidate was predicted as, the outputs, the keyword
+    settings, the labeler (its class and constructor arguments), the candidates' stream rows and
+    their true classes (for a report only: nothing replayed from the file decides anything)."""
+    labeler_args = labeler_arguments(labeler)
+    kind = f"{type(labeler).__module__}:{type(labeler).__qualname__}"
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, x_u=x_u, x_l=x_l, y_l=y_l, n_old=n_old, predicted=predicted, outputs=np.asarray(outputs),
+             ids=ids, truth=truth, settings=json.dumps(settings),
+             labeler=json.dumps({"kind": kind, "arguments": labeler_args}))
+    os.replace(tmp, path)
+
+
+def labeler_arguments(labeler) -> dict:
+    """``labeler``'s attributes, which :func:`save_inputs` stores to build it again; refused
+    with a message when one cannot be written as JSON (a labeler holding a network, say)."""
+    arguments = dict(vars(labeler))
+    try:
+        json.dumps(arguments)
+    except TypeError as error:
+        raise ValueError(f"consolidation's inputs can be saved only for a labeler whose settings are "
+                         f"plain values, and {type(labeler).__name__}'s are not ({error}): set "
+                         "continual.consolidation_inputs = False") from error
+    return arguments
+
+
+def load_inputs(path: Path) -> dict:
+    """What :func:`save_inputs` wrote, with the labeler built again from its class and arguments:
+    ``stable_relabel(d["labeler"], d["x_u"], d["x_l"], d["y_l"], d["n_old"], d["predicted"],
+    d["outputs"], **d["settings"])`` repeats the run's relabeling."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the loop with "
+                                "continual.consolidation_inputs = True to write it")
+    with np.load(path) as f:
+        d = {key: f[key] for key in f.files}
+    spec = json.loads(str(d.pop("labeler")))
+    module, name = spec["kind"].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    if "use_gpu" in spec["arguments"]:  # as this machine allows, not as the writing one did
+        spec["arguments"]["use_gpu"] = None
+    try:
+        d["labeler"] = cls(**spec["arguments"])
+    except TypeError as error:
+        raise ValueError(f"{path}: cannot build {name} again from its saved arguments ({error}); "
+                         "the file was written by another version of it") from error
+    d["settings"] = json.loads(str(d["settings"]))
+    d["n_old"], d["outputs"] = int(d["n_old"]), [int(o) for o in d["outputs"]]
+    return d
 
 
 def left_to_labeled(entry: dict, truth: np.ndarray) -> None:
@@ -256,5 +324,5 @@ def output_stability(labels: np.ndarray, output: dict[int, int], x_u: np.ndarray
     return {int(output[c]): float(v) for c, v in zip(clusters, stability, strict=True)}
 
 
-__all__ = ["FirstOutputs", "consolidate", "far_groups", "left_to_labeled", "output_stability",
-           "stable_relabel"]
+__all__ = ["FirstOutputs", "consolidate", "far_groups", "left_to_labeled", "labeler_arguments", "load_inputs",
+           "output_stability", "save_inputs", "stable_relabel"]

@@ -67,7 +67,7 @@ from components.metrics import (
 from components.pool import SamplePool
 from components.scores import Score
 from graphs.consolidate import consolidate as relabel_discovered
-from graphs.consolidate import left_to_labeled
+from graphs.consolidate import labeler_arguments, left_to_labeled
 from graphs.encode import encode
 from graphs.handlers import (
     CheckedDiskSaver,
@@ -161,6 +161,7 @@ def continual(
     consolidation_fixed_anchors: bool = True,
     consolidation_added: int = 0,
     consolidation_territory: float = 0.75,
+    consolidation_inputs: bool = False,
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -171,7 +172,8 @@ def continual(
         PromotionGate() if gate is None else gate,
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
         max_rounds, seed, consolidate, consolidation_stability, pseudo_labels, score_fit, domain,
-        pool_off_domain, consolidation_fixed_anchors, consolidation_added, consolidation_territory)
+        pool_off_domain, consolidation_fixed_anchors, consolidation_added, consolidation_territory,
+        consolidation_inputs)
     return loop.run()
 
 
@@ -225,6 +227,9 @@ class ContinualLoop:
     images, flags the samples that are off the domain: with
     ``pool_off_domain`` they may be pooled and ``accept`` judges each cluster by how many of its
     members are (``max_off_domain``); without it they never enter the pool.
+    ``consolidation_inputs`` writes consolidation's clustering inputs to
+    ``loop/consolidation_inputs.npz`` (:func:`graphs.consolidate.save_inputs`), for
+    ``scripts/consolidation_replay.py``.
     """
 
     def __init__(self, run_dir, protocol, model, augment, score, pool, labeler, cache, memory, accept,
@@ -232,7 +237,7 @@ class ContinualLoop:
                  pool_age, max_rounds, seed, consolidate, consolidation_stability=True,
                  pseudo_labels="cluster", score_fit="memory", domain=None,
                  pool_off_domain=True, consolidation_fixed_anchors=True, consolidation_added=0,
-                 consolidation_territory=0.75) -> None:
+                 consolidation_territory=0.75, consolidation_inputs=False) -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if pseudo_labels not in ("cluster", "core"):
@@ -281,6 +286,9 @@ class ContinualLoop:
         self.consolidate, self.consolidation_stability = consolidate, consolidation_stability
         self.consolidation_fixed_anchors = consolidation_fixed_anchors
         self.consolidation_added, self.consolidation_territory = consolidation_added, consolidation_territory
+        if consolidation_inputs and consolidate:
+            labeler_arguments(labeler)  # refused now, not after the whole stream
+        self.consolidation_inputs = consolidation_inputs
         self.device = idist.device()
         self.state = LoopState(pool, memory)
         self._clock = time.perf_counter()
@@ -568,7 +576,10 @@ class ContinualLoop:
                                             self.representation, self.cluster_on, self.keep_fraction,
                                             fixed_anchors=self.consolidation_fixed_anchors,
                                             territory=self.consolidation_territory,
-                                            max_added=self.consolidation_added, **stability)
+                                            max_added=self.consolidation_added,
+                                            inputs_to=self.run_dir.file("loop/consolidation_inputs.npz")
+                                            if self.consolidation_inputs and self.run_dir.writes else None,
+                                            **stability)
         record["consolidation"] = entry
         if student is None:
             return

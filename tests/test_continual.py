@@ -85,7 +85,7 @@ def finished(tmp_path_factory) -> Path:
         patch.setattr(relabel, "distill", recording)
         patch.setattr(relabel, "stable_relabel", relabeling)
         patch.setattr(SemiSupervisedKMeans, "__call__", clustering)
-        assert main(_argv(folder / "run", folder / "cache")) == 0
+        assert main(_argv(folder / "run", folder / "cache", "continual.consolidation_inputs = True")) == 0
     return folder / "run"
 
 
@@ -124,6 +124,24 @@ def test_the_consolidation_table_lists_every_relabeled_output_and_every_labeled_
     missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "consolidation_table.py"), str(ROOT)],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no metrics.json" in missing.stderr
+
+
+def test_consolidation_replays_offline_from_the_inputs_it_saved(finished):
+    """``continual.consolidation_inputs`` saves what consolidation clustered; the replay script
+    builds the labeler again and repeats the run's relabeling exactly (every output's stability,
+    the kept outputs), then the same under another stability line and another k."""
+    consolidation = _strict_json(finished / "metrics.json")["rounds"][-1]["consolidation"]
+    script = str(ROOT / "scripts" / "consolidation_replay.py")
+    out = subprocess.run([sys.executable, script, str(finished), "--min-stability", "0.99", "--k", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "the run's own settings give its relabeling again: yes" in out
+    runs_own = out.split("### min_stability")[0]
+    assert f"{len(consolidation['kept'])} outputs kept" in runs_own
+    for output in consolidation["kept"]:  # each kept output's cluster, with the stability the run measured
+        assert f"| {output} |" in runs_own and f"{consolidation['stability'][str(output)]:.2f} |" in runs_own
+    assert "### min_stability = 0.99" in out and "### k = 1 (one clustering)" in out
+    missing = subprocess.run([sys.executable, script, str(ROOT)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "continual.consolidation_inputs = True" in missing.stderr
 
 
 def test_the_verdicts_table_lists_every_judged_cluster_and_the_nearest_pairs(finished):

@@ -429,6 +429,41 @@ def test_consolidation_drops_the_weakest_output_and_clusters_again_so_a_cut_clas
     assert sorted(output.values()) == [5, 6, 7] and stability == {} and passes == []
 
 
+def test_consolidation_inputs_saved_and_loaded_repeat_the_relabeling(tmp_path):
+    """What consolidation clusters is written with its labeler's settings; loaded again (the
+    labeler built anew from them) it gives the same clusters, stabilities and dropped outputs.
+    A labeler whose settings are not plain values is refused with the way out."""
+    from graphs.consolidate import labeler_arguments, load_inputs, save_inputs, stable_relabel
+
+    x_l, y_l = _anchored_blobs()[:2]
+    rng = np.random.default_rng(0)
+    wide = rng.normal(0, 1.5, (120, 8)).astype(np.float32) + 30.0
+    x_new = np.concatenate([wide, rng.normal(0, 0.5, (40, 8)).astype(np.float32) - 30.0])
+    predicted = np.r_[np.where(x_new[:120, 0] > 30.0, 5, 6), np.full(40, 7)]
+    labeler = SemiSupervisedKMeans(k_new=3, normalize=False, n_init=2, seed=0, fixed_old=True)
+    settings = dict(min_stability=0.5, resamples=8, fraction=0.8, seed=0, territory=0.75, max_extra=0)
+    path = tmp_path / "inputs.npz"
+    save_inputs(path, labeler, x_new, x_l, y_l, 3, predicted, [5, 6, 7], settings, np.arange(160),
+                np.r_[np.zeros(120, int), np.ones(40, int)])
+    assert [p.name for p in tmp_path.iterdir()] == ["inputs.npz"]  # written under another name, then renamed
+    d = load_inputs(path)
+    assert d["settings"] == settings and d["outputs"] == [5, 6, 7] and d["labeler"].fixed_old
+    first = stable_relabel(labeler, x_new, x_l, y_l, 3, predicted, [5, 6, 7], **settings)
+    again = stable_relabel(d["labeler"], d["x_u"], d["x_l"], d["y_l"], d["n_old"], d["predicted"],
+                           d["outputs"], **d["settings"])
+    assert (first[0].labels == again[0].labels).all() and first[1:] == again[1:]
+    assert first[3]  # an output was dropped in both: the replay covers the re-clustering too
+
+    class Holding:
+        def __init__(self):
+            self.net = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="consolidation_inputs = False"):
+        labeler_arguments(Holding())
+    with pytest.raises(FileNotFoundError, match="consolidation_inputs = True"):
+        load_inputs(tmp_path / "none.npz")
+
+
 def test_a_group_given_to_a_far_labeled_centroid_gets_a_cluster_and_a_new_output_of_its_own():
     """Consolidation with fixed anchors and one output for two new classes: k-means puts the one
     free cluster on the far class and the other goes to the nearest labeled centroid, 0.7
