@@ -74,7 +74,8 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
                 keep_fraction: float = 1.0, min_stability: float = 0.0, resamples: int = 5,
                 fraction: float = 0.8, seed: int = 0, fixed_anchors: bool = False,
                 territory: float | None = None, max_added: int = 0,
-                inputs_to: Path | None = None) -> tuple[nn.Module | None, dict, Engine | None]:
+                inputs_to: Path | None = None,
+                k_from: str = "outputs") -> tuple[nn.Module | None, dict, Engine | None]:
     """Relabel ``model``'s discovered outputs (``n_old`` and up, named by ``names``) from the
     ``stream`` samples it assigns to them and distill a student on ``labeled`` (classes below
     ``n_old``) plus those labels, with ``teacher`` (first ``n_old`` outputs) for the labeled
@@ -97,7 +98,17 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     gets a cluster of its own, up to ``max_added`` of them, and a cluster no output matches
     becomes a new output when it is stable: ``entry["added"]`` lists them (``name``
     ``new-c-<j>``, ``stability``), the student's outputs after the kept ones. ``inputs_to``: a
-    file to write the clustering's inputs to (:func:`save_inputs`)."""
+    file to write the clustering's inputs to (:func:`save_inputs`).
+
+    ``k_from="outputs"`` makes one cluster per discovered output. ``"density"`` lets the
+    candidates say how many groups they hold (:func:`estimate_k`): an output no cluster matches
+    is dropped (``entry["unmatched"]``), and a stable cluster no output matches becomes an
+    output as with ``max_added``; ``entry["k_estimate"]`` records the estimate."""
+    if k_from not in ("outputs", "density"):
+        raise ValueError(f"k_from must be 'outputs' or 'density', got {k_from!r}")
+    if k_from == "density" and max_added > 0:
+        raise ValueError("consolidation's k estimated by density already adds a cluster for every group it "
+                         "finds: set continual.consolidation_added = 0 with consolidation_k = 'density'")
     logits = encode(model, stream, augment, cache, device)["logits"]
     predicted, k = logits.argmax(1), logits.shape[1] - n_old  # k: the discovered outputs
     ids = np.flatnonzero(predicted >= n_old)
@@ -121,6 +132,9 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
         relabeler.fixed_old = True
     settings = dict(min_stability=min_stability, resamples=resamples, fraction=fraction, seed=seed,
                     territory=territory, max_extra=max_added)
+    if k_from == "density":
+        settings["k_new"] = entry["k_estimate"] = estimate_k(relabeler, on_u[cluster_on], on_l[cluster_on],
+                                                             on_l["targets"], n_old)
     if inputs_to is not None:
         save_inputs(inputs_to, relabeler, on_u[cluster_on], on_l[cluster_on], on_l["targets"], n_old,
                     predicted[ids], list(range(n_old, n_old + k)), settings, ids,
@@ -131,7 +145,9 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     dropped = [p["dropped"] for p in passes]
     kept = [o for o in range(n_old, n_old + k) if o not in dropped]
     added = sorted(o for o in set(output.values()) if o >= n_old + k)  # clusters no output matched
-    if max_added > 0:
+    if k_from == "density":
+        entry["unmatched"] = [p["dropped"] for p in passes if p.get("why") == "no cluster"]
+    if max_added > 0 or k_from == "density":
         entry["added"] = [{"name": f"new-c-{j}", "stability": stability.get(o)} for j, o in enumerate(added)]
     if min_stability > 0:
         entry["stability"], entry["kept"] = stability, kept
@@ -159,6 +175,21 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     with gin.config_scope("consolidate"):  # `consolidate/distill.<arg>` binds this distillation alone
         engine = distill(learner, FirstOutputs(teacher, n_old), taught, augment, device)
     return learner, entry, engine
+
+
+def estimate_k(labeler, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int) -> int:
+    """How many groups the candidates ``x_u`` hold: HDBSCAN with excess-of-mass selection
+    (``SemiSupervisedKMeans(estimate="density", density_selection="eom")``, the labeler's other
+    settings kept), at least 1. A round's pool is small and its new classes are a few dozen
+    samples, where leaf selection finds them; the candidates are everything the model gives its
+    discovered outputs, where leaf selection cuts a class into its leaves and excess of mass keeps
+    the groups that persist (docs/loop.md, "Consolidation's k")."""
+    if not hasattr(labeler, "estimate"):
+        raise ValueError(f"consolidation's k by density needs SemiSupervisedKMeans, not "
+                         f"{type(labeler).__name__}: set continual.consolidation_k = 'outputs'")
+    estimator = copy.copy(labeler)
+    estimator.k_new, estimator.estimate, estimator.density_selection = None, "density", "eom"
+    return max(1, int(estimator(x_u, x_l, y_l, n_old).k_estimate))
 
 
 def save_inputs(path: Path, labeler, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
@@ -228,7 +259,7 @@ def left_to_labeled(entry: dict, truth: np.ndarray) -> None:
 def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
                    predicted: np.ndarray, outputs: list[int], min_stability: float = 0.0, resamples: int = 5,
                    fraction: float = 0.8, seed: int = 0, regain: float = 0.75,
-                   territory: float | None = None, max_extra: int = 0):
+                   territory: float | None = None, max_extra: int = 0, k_new: int | None = None):
     """Cluster ``x_u`` (anchored by ``x_l`` / ``y_l``) with one new cluster per output in
     ``outputs``, each cluster taking the output its samples were most often ``predicted`` as.
 
@@ -244,15 +275,28 @@ def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.
     more than the outputs. A cluster no output matches is then named as a fresh output, numbered
     after ``outputs`` (kept only when it is at least ``min_stability`` stable).
 
+    With ``k_new`` the first clustering has ``k_new`` new clusters, not one per output: the
+    outputs no cluster matches, or that share no sample with the cluster they would get, are
+    dropped at once (``"why": "no cluster"`` in ``passes``, stability 0), the clusters no output
+    matches are fresh outputs, and the passes go on from there with one cluster fewer for each
+    output dropped.
+
     Returns ``(result, {cluster: output}, {output: stability}, passes)``: ``passes`` lists, for
     every dropped output in order, ``{"dropped": output, "stability": {output: stability}}`` of
     that pass; a dropped output's entry in the returned stability is the one it was dropped with.
     ``{cluster: output}`` is empty when every output was dropped."""
     outputs, stability, passes, dissolved = sorted(outputs), {}, [], set()
     fresh_from, extra = max(outputs, default=n_old - 1) + 1, 0
+    if k_new is not None:  # the number of clusters the candidates were estimated to hold
+        _, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, k_new - len(outputs), True)
+        for o in [o for o in outputs if o not in output.values()]:
+            outputs.remove(o)
+            stability[o] = 0.0
+            passes.append({"dropped": o, "why": "no cluster", "stability": {}})
+        extra = k_new - len(outputs)
     geometry = labeler.geometry(x_u, x_l, y_l, n_old) if max_extra > 0 else None  # the same every pass
     while outputs:
-        result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, extra)
+        result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, extra, k_new is not None)
         if extra < max_extra and far_groups(result.labels, *geometry, y_l, n_old, territory,
                                             getattr(labeler, "min_cluster_size", 2)):
             extra += 1
@@ -297,11 +341,12 @@ def far_groups(labels: np.ndarray, g_u: np.ndarray, g_l: np.ndarray, y_l: np.nda
 
 
 def _relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
-             predicted: np.ndarray, outputs: list[int], extra: int = 0):
+             predicted: np.ndarray, outputs: list[int], extra: int = 0, shared_only: bool = False):
     """Cluster ``x_u`` with one new cluster per output in ``outputs``, and ``extra`` more
-    (anchored by the labeled classes), and give each output the new cluster that holds most of
-    the samples ``predicted`` as it (Hungarian; ``extra`` clusters stay unmatched). Returns the
-    clustering and ``{cluster: output}``."""
+    (anchored by the labeled classes; ``extra`` may be negative), and give each output the new
+    cluster that holds most of the samples ``predicted`` as it (Hungarian; clusters or outputs
+    left over stay unmatched, and with ``shared_only`` so does a pair that shares no sample).
+    Returns the clustering and ``{cluster: output}``."""
     labeler.k_new = len(outputs) + extra
     result = rank_zero(labeler, x_u, x_l, y_l, n_old)
     outputs_ = np.asarray(outputs)  # ascending (stable_relabel sorts them)
@@ -309,7 +354,8 @@ def _relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarra
     counts = np.zeros((len(outputs) + extra, len(outputs)))
     np.add.at(counts, (result.labels[ours] - n_old, np.searchsorted(outputs_, predicted[ours])), 1)
     rows, cols = linear_sum_assignment(-counts)
-    return result, {int(r + n_old): outputs[c] for r, c in zip(rows, cols, strict=True)}
+    return result, {int(r + n_old): outputs[c] for r, c in zip(rows, cols, strict=True)
+                    if counts[r, c] > 0 or not shared_only}
 
 
 def output_stability(labels: np.ndarray, output: dict[int, int], x_u: np.ndarray, x_l: np.ndarray,
@@ -324,5 +370,5 @@ def output_stability(labels: np.ndarray, output: dict[int, int], x_u: np.ndarray
     return {int(output[c]): float(v) for c, v in zip(clusters, stability, strict=True)}
 
 
-__all__ = ["FirstOutputs", "consolidate", "far_groups", "left_to_labeled", "labeler_arguments", "load_inputs",
-           "output_stability", "save_inputs", "stable_relabel"]
+__all__ = ["FirstOutputs", "consolidate", "estimate_k", "far_groups", "labeler_arguments", "left_to_labeled",
+           "load_inputs", "output_stability", "save_inputs", "stable_relabel"]

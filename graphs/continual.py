@@ -162,6 +162,7 @@ def continual(
     consolidation_added: int = 0,
     consolidation_territory: float = 0.75,
     consolidation_inputs: bool = False,
+    consolidation_k: str = "outputs",
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -173,7 +174,7 @@ def continual(
         threshold, temperature_scaling, representation, cluster_on, keep_fraction, pool_age,
         max_rounds, seed, consolidate, consolidation_stability, pseudo_labels, score_fit, domain,
         pool_off_domain, consolidation_fixed_anchors, consolidation_added, consolidation_territory,
-        consolidation_inputs)
+        consolidation_inputs, consolidation_k)
     return loop.run()
 
 
@@ -227,7 +228,10 @@ class ContinualLoop:
     images, flags the samples that are off the domain: with
     ``pool_off_domain`` they may be pooled and ``accept`` judges each cluster by how many of its
     members are (``max_off_domain``); without it they never enter the pool.
-    ``consolidation_inputs`` writes consolidation's clustering inputs to
+    ``consolidation_k`` is how many clusters consolidation makes: ``"outputs"``, one per
+    discovered output; ``"density"``, as many as the candidates hold
+    (:func:`graphs.consolidate.estimate_k`), outputs no cluster matches dropped and stable
+    clusters no output matches added. ``consolidation_inputs`` writes consolidation's clustering inputs to
     ``loop/consolidation_inputs.npz`` (:func:`graphs.consolidate.save_inputs`), for
     ``scripts/consolidation_replay.py``.
     """
@@ -237,7 +241,8 @@ class ContinualLoop:
                  pool_age, max_rounds, seed, consolidate, consolidation_stability=True,
                  pseudo_labels="cluster", score_fit="memory", domain=None,
                  pool_off_domain=True, consolidation_fixed_anchors=True, consolidation_added=0,
-                 consolidation_territory=0.75, consolidation_inputs=False) -> None:
+                 consolidation_territory=0.75, consolidation_inputs=False,
+                 consolidation_k="outputs") -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if pseudo_labels not in ("cluster", "core"):
@@ -289,6 +294,16 @@ class ContinualLoop:
         if consolidation_inputs and consolidate:
             labeler_arguments(labeler)  # refused now, not after the whole stream
         self.consolidation_inputs = consolidation_inputs
+        if consolidation_k not in ("outputs", "density"):
+            raise ValueError(f"continual.consolidation_k must be 'outputs' or 'density', "
+                             f"got {consolidation_k!r}")
+        if consolidation_k == "density" and (consolidation_added > 0
+                                             or not hasattr(labeler, "estimate")):
+            raise ValueError("continual.consolidation_k = 'density' estimates consolidation's clusters "
+                             "with SemiSupervisedKMeans and adds an output for every stable group it finds: "
+                             "use that labeler and continual.consolidation_added = 0, or "
+                             "consolidation_k = 'outputs'")
+        self.consolidation_k = consolidation_k
         self.device = idist.device()
         self.state = LoopState(pool, memory)
         self._clock = time.perf_counter()
@@ -576,7 +591,7 @@ class ContinualLoop:
                                             self.representation, self.cluster_on, self.keep_fraction,
                                             fixed_anchors=self.consolidation_fixed_anchors,
                                             territory=self.consolidation_territory,
-                                            max_added=self.consolidation_added,
+                                            max_added=self.consolidation_added, k_from=self.consolidation_k,
                                             inputs_to=self.run_dir.file("loop/consolidation_inputs.npz")
                                             if self.consolidation_inputs and self.run_dir.writes else None,
                                             **stability)

@@ -4,6 +4,8 @@ gate, and the continual metrics."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -427,6 +429,42 @@ def test_consolidation_drops_the_weakest_output_and_clusters_again_so_a_cut_clas
     # without the bound nothing is measured or dropped, and every output keeps a cluster
     _, output, stability, passes = stable_relabel(labeler, x_new, x_l, y_l, 3, predicted, [5, 6, 7])
     assert sorted(output.values()) == [5, 6, 7] and stability == {} and passes == []
+
+
+def test_consolidation_with_k_estimated_drops_a_duplicate_output_and_adds_a_group_no_output_held():
+    """``k_new`` from the candidates (``estimate_k``: HDBSCAN's excess of mass) instead of one
+    cluster per output: two outputs for one class leave one without a cluster, dropped at once;
+    one output for two classes leaves a stable cluster no output matches, a fresh output."""
+    from graphs.consolidate import estimate_k, stable_relabel
+
+    x_l, y_l, x_new, y_new = _anchored_blobs()  # two new classes, 60 samples each
+    labeler = SemiSupervisedKMeans(k_new=None, estimate="density", density_selection="leaf", normalize=False,
+                                   min_cluster_size=10, n_init=2, seed=0)
+    k = estimate_k(labeler, x_new, x_l, y_l, 3)
+    assert k == 2 and labeler.k_new is None and labeler.density_selection == "leaf"  # the labeler untouched
+    first = y_new == y_new.min()
+    # a class written two ways (two lumps of 30, 3 apart): the leaves are 3 groups, the groups that
+    # persist (excess of mass) are the 2 classes
+    lumps = x_new.copy()
+    lumps[np.flatnonzero(first)[:30], 0] += 1.5
+    lumps[np.flatnonzero(first)[30:], 0] -= 1.5
+    assert labeler(lumps, x_l, y_l, 3).k_estimate == 3 and estimate_k(labeler, lumps, x_l, y_l, 3) == 2
+    # a class found twice (outputs 5 and 6 split it) beside one found once (7)
+    predicted = np.where(first, np.where(x_new[:, 0] > np.median(x_new[first, 0]), 5, 6), 7)
+    result, output, stability, passes = stable_relabel(copy.copy(labeler), x_new, x_l, y_l, 3, predicted,
+                                                       [5, 6, 7], min_stability=0.5, k_new=k)
+    dropped = passes[0]["dropped"]
+    assert len(passes) == 1 and passes[0]["why"] == "no cluster" and dropped in (5, 6)
+    assert stability[dropped] == 0.0 and sorted(output.values()) == sorted({5, 6, 7} - {dropped})
+    for c in output:  # each kept output's cluster is one whole class
+        members = result.labels == c
+        assert len(set(y_new[members])) == 1 and members.sum() == 60
+    # one output (5) for both classes: the second class becomes a fresh output, 6
+    result, output, stability, passes = stable_relabel(copy.copy(labeler), x_new, x_l, y_l, 3,
+                                                       np.full(len(x_new), 5), [5], min_stability=0.5,
+                                                       k_new=k)
+    assert passes == [] and sorted(output.values()) == [5, 6] and stability[6] >= 0.5
+    assert {len(set(y_new[result.labels == c])) for c in output} == {1}
 
 
 def test_consolidation_inputs_saved_and_loaded_repeat_the_relabeling(tmp_path):
