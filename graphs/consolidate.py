@@ -3,9 +3,11 @@
 A model that has grown by discovered classes learned them from a pool: the samples the first
 model was unsure of, clustered once. Consolidation asks the grown model which stream samples
 belong to its discovered classes, clusters all of those afresh (semi-supervised k-means anchored
-by the labeled classes, k = the number of discovered classes, in a representation learned on
-the labeled images and the stream), gives each new cluster the discovered output it shares most
-samples with (Hungarian), and distills a student on the labeled images plus these labels. The
+by the labeled classes, in a representation learned on the labeled images and the stream; k = the
+number of discovered outputs, or with ``k_from="density"`` the number of groups the candidates
+hold, :func:`estimate_k`), gives each new cluster the discovered output it shares most samples
+with (Hungarian; an output no cluster matches is dropped, a stable cluster no output matches is
+added), and distills a student on the labeled images plus these labels. The
 student's teacher speaks for the labeled classes only: its discovered outputs are what is being
 relabeled, and distilling them would teach the old labels again.
 
@@ -189,7 +191,7 @@ def estimate_k(labeler, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old
                          f"{type(labeler).__name__}: set continual.consolidation_k = 'outputs'")
     estimator = copy.copy(labeler)
     estimator.k_new, estimator.estimate, estimator.density_selection = None, "density", "eom"
-    return max(1, int(estimator(x_u, x_l, y_l, n_old).k_estimate))
+    return max(1, int(rank_zero(estimator, x_u, x_l, y_l, n_old).k_estimate))
 
 
 def save_inputs(path: Path, labeler, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,

@@ -162,7 +162,7 @@ def continual(
     consolidation_added: int = 0,
     consolidation_territory: float = 0.75,
     consolidation_inputs: bool = False,
-    consolidation_k: str = "outputs",
+    consolidation_k: str = "density",
     seed: int = 0,
 ) -> dict:
     """Run the continual loop of the module docstring over ``data()``'s whole stream and return
@@ -242,7 +242,7 @@ class ContinualLoop:
                  pseudo_labels="cluster", score_fit="memory", domain=None,
                  pool_off_domain=True, consolidation_fixed_anchors=True, consolidation_added=0,
                  consolidation_territory=0.75, consolidation_inputs=False,
-                 consolidation_k="outputs") -> None:
+                 consolidation_k="density") -> None:
         if cluster_on not in ("features", "projected"):
             raise ValueError(f"cluster_on must be 'features' or 'projected', got {cluster_on!r}")
         if pseudo_labels not in ("cluster", "core"):
@@ -573,10 +573,11 @@ class ContinualLoop:
     def _consolidate(self, engine: Engine, r: int, record: dict) -> None:
         """At the stream's end, label the discovered classes again with everything seen: the
         stream samples the current model assigns to a discovered class are clustered afresh
-        (anchored by the labeled classes, k = the number of discovered classes) in a
-        representation learned on the whole stream; each new cluster takes the output it shares
-        most samples with (Hungarian), and a student distilled on the labeled memory plus these
-        labels replaces the model if the gate lets it."""
+        (anchored by the labeled classes, k = as many groups as they hold, or one per
+        discovered output: ``consolidation_k``) in a representation learned on the whole
+        stream; each new cluster takes the output it shares most samples with (Hungarian), and
+        a student distilled on the labeled memory plus these labels replaces the model if the
+        gate lets it."""
         p, st = self.protocol, self.state
         n_old, n_all = p.n_old, len(st.classes)
         _, targets = st.memory.items()

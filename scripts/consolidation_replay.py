@@ -1,14 +1,17 @@
 """Replay a continual run's consolidation offline, under other settings, in seconds.
 
-``python scripts/consolidation_replay.py RUN [--min-stability S ...] [--k K ...]``
+``python scripts/consolidation_replay.py RUN [--min-stability S ...] [--k K ...] [--k-from density]``
 
 RUN is a continual run made with ``--gin-bindings "continual.consolidation_inputs = True"``,
 which writes what consolidation clusters to ``RUN/loop/consolidation_inputs.npz``
 (:func:`graphs.consolidate.save_inputs`). The script first replays the run's own settings and
 checks that they give the run's relabeling again (every output's stability and the kept outputs
 in ``metrics.json``); then each ``--min-stability`` (the line under which consolidation drops an
-output and clusters again, :func:`graphs.consolidate.stable_relabel`) and each ``--k`` (one
-clustering with k new clusters, no stability test). For each it prints the candidates'
+output and clusters again, :func:`graphs.consolidate.stable_relabel`), each ``--k`` (one
+clustering with k new clusters, no stability test) and, with ``--k-from density``, the run's
+settings with k estimated on the candidates (``continual.consolidation_k = 'density'``,
+:func:`graphs.consolidate.estimate_k`), or with one cluster per output when the run
+estimated it. For each it prints the candidates'
 clustering accuracy (Hungarian; distractors count as a class of their own) and every new
 cluster: the output it was given, its size, majority true class, purity and stability. The true
 classes are read for this report only; a Fashion-MNIST run's consolidation replays in about a
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from components.metrics import cluster_truth, hungarian_mapping  # noqa: E402
-from graphs.consolidate import load_inputs, output_stability, stable_relabel  # noqa: E402
+from graphs.consolidate import estimate_k, load_inputs, output_stability, stable_relabel  # noqa: E402
 
 
 def accuracy(truth: np.ndarray, labels: np.ndarray) -> float:
@@ -74,6 +77,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run", type=Path)
     parser.add_argument("--min-stability", type=float, nargs="*", default=[])
     parser.add_argument("--k", type=int, nargs="*", default=[])
+    parser.add_argument("--k-from", choices=["density"], default=None,
+                        help="also replay with the other choice of consolidation's k")
     args = parser.parse_args(argv)
     try:
         d = load_inputs(args.run / "loop" / "consolidation_inputs.npz")
@@ -90,6 +95,15 @@ def main(argv: list[str]) -> int:
                 and entry.get("kept", sorted(set(output.values()))) == sorted(set(output.values())))
         print(f"the run's own settings give its relabeling again: {'yes' if same else 'NO'}\n")
     print("\n".join(table("the run's settings", d, labels, output, stability, dropped)))
+    if args.k_from == "density":
+        if "k_new" in d["settings"]:  # the run estimated k: the other way is one cluster per output
+            labels, output, stability, dropped = replay(d, k_new=None)
+            title = "one cluster per output"
+        else:
+            k = estimate_k(d["labeler"], d["x_u"], d["x_l"], d["y_l"], d["n_old"])
+            labels, output, stability, dropped = replay(d, k_new=k)
+            title = f"k from density: {k}"
+        print("\n".join(table(title, d, labels, output, stability, dropped)))
     for line in args.min_stability:
         labels, output, stability, dropped = replay(d, min_stability=line)
         print("\n".join(table(f"min_stability = {line}", d, labels, output, stability, dropped)))

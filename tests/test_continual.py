@@ -52,7 +52,7 @@ def finished(tmp_path_factory) -> Path:
 
     loop = importlib.import_module("graphs.continual")  # the module (graphs exports a function of that name)
     relabel = importlib.import_module("graphs.consolidate")
-    real, relabel_real = loop.distill, relabel.stable_relabel
+    real, relabel_real, estimate_real = loop.distill, relabel.stable_relabel, relabel.estimate_k
 
     def recording(student, teacher, images, augment, device):
         modes = [m.training for m in (student, teacher, augment)]
@@ -78,12 +78,20 @@ def finished(tmp_path_factory) -> Path:
         finally:
             stage[0] = "round"
 
+    def estimating(*args, **kwargs):  # consolidation's k, estimated before it relabels
+        stage[0] = "consolidation"
+        try:
+            return estimate_real(*args, **kwargs)
+        finally:
+            stage[0] = "round"
+
     folder = tmp_path_factory.mktemp("continual")
     os.chdir(ROOT)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "distill", recording)
         patch.setattr(relabel, "distill", recording)
         patch.setattr(relabel, "stable_relabel", relabeling)
+        patch.setattr(relabel, "estimate_k", estimating)
         patch.setattr(SemiSupervisedKMeans, "__call__", clustering)
         assert main(_argv(folder / "run", folder / "cache", "continual.consolidation_inputs = True")) == 0
     return folder / "run"
@@ -129,17 +137,21 @@ def test_the_consolidation_table_lists_every_relabeled_output_and_every_labeled_
 def test_consolidation_replays_offline_from_the_inputs_it_saved(finished):
     """``continual.consolidation_inputs`` saves what consolidation clustered; the replay script
     builds the labeler again and repeats the run's relabeling exactly (every output's stability,
-    the kept outputs), then the same under another stability line and another k."""
+    the kept outputs), then the same under another stability line, another k and k estimated."""
     consolidation = _strict_json(finished / "metrics.json")["rounds"][-1]["consolidation"]
     script = str(ROOT / "scripts" / "consolidation_replay.py")
-    out = subprocess.run([sys.executable, script, str(finished), "--min-stability", "0.99", "--k", "1"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, script, str(finished), "--min-stability", "0.99", "--k", "1",
+                          "--k-from", "density"], capture_output=True, text=True, check=True).stdout
     assert "the run's own settings give its relabeling again: yes" in out
     runs_own = out.split("### min_stability")[0]
-    assert f"{len(consolidation['kept'])} outputs kept" in runs_own
+    assert f"{len(consolidation['kept']) + len(consolidation.get('added', []))} outputs kept" in runs_own
     for output in consolidation["kept"]:  # each kept output's cluster, with the stability the run measured
-        assert f"| {output} |" in runs_own and f"{consolidation['stability'][str(output)]:.2f} |" in runs_own
+        measured = consolidation["stability"][str(output)]
+        assert f"| {output} |" in runs_own and f"{measured:.2f} |" in runs_own
     assert "### min_stability = 0.99" in out and "### k = 1 (one clustering)" in out
+    assert consolidation["k_estimate"] >= 1  # the default estimates consolidation's k
+    # the other way, one cluster per output, is the one replayed
+    assert "### one cluster per output" in out
     missing = subprocess.run([sys.executable, script, str(ROOT)], capture_output=True, text=True)
     assert missing.returncode == 2 and "continual.consolidation_inputs = True" in missing.stderr
 
@@ -282,7 +294,8 @@ def test_outputs_consolidation_adds_are_in_the_table_the_weights_and_the_report(
     digit's look-alikes lie within 0.6 of the spacing; 0.05 makes every such group fire.)"""
     run = tmp_path / "run"
     assert main(_argv(run, tmp_path / "cache", "continual.consolidation_added = 2",
-                      "continual.consolidation_territory = 0.05")) == 0
+                      "continual.consolidation_territory = 0.05",
+                      "continual.consolidation_k = 'outputs'")) == 0
     m = _strict_json(run / "metrics.json")
     consolidation = m["rounds"][-1]["consolidation"]
     added = [o for o in consolidation["outputs"] if o["was"] is None]
