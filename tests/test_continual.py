@@ -210,18 +210,30 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
     consolidation = rounds[-1]["consolidation"]
     discovered = {c["id"] for c in m["classes"] if c["origin"] != "labeled"}
     assert consolidation["decision"] in ("promoted", "kept")
-    # every output it was given is kept (renumbered in order) or dropped for an unstable cluster
-    was = [o["was"] for o in consolidation["outputs"]]
+    # every output it was given is kept (renumbered in order), or dropped: no cluster matched it
+    # (its k is estimated on the candidates, continual.consolidation_k) or its cluster was
+    # unstable; a stable cluster no output matched is added after the kept ones ("was" None)
+    assert consolidation["k_estimate"] >= 1
+    was = [o["was"] for o in consolidation["outputs"] if o["was"] is not None]
+    added = [o for o in consolidation["outputs"] if o["was"] is None]
+    assert [o["name"] for o in added] == [a["name"] for a in consolidation.get("added", [])]
+    assert consolidation["outputs"][len(was):] == added
     dropped = [o["id"] for o in consolidation["dropped_outputs"]]
     assert sorted(was + dropped) == list(range(5, 5 + len(was) + len(dropped))) and was == sorted(was)
-    # dropped one at a time, each below the acceptance's bound (0.5), or below 0.75 after its
-    # cluster had dissolved in an earlier pass; the kept ones passed the last pass
+    # those without a cluster go at once; then one at a time, each below the acceptance's bound
+    # (0.5), or below 0.75 after its cluster had dissolved in an earlier pass; the kept ones
+    # passed the last pass
     passes = consolidation.get("reclustered", [])
     assert sorted(p["dropped"] for p in passes) == dropped  # dropped_outputs: in id order
-    for i, p in enumerate(passes):
-        bound = 0.75 if any(q["stability"][str(p["dropped"])] < 0.5 for q in passes[:i]) else 0.5
+    unmatched = [p["dropped"] for p in passes if p.get("why") == "no cluster"]
+    assert unmatched == consolidation["unmatched"] and passes[:len(unmatched)] == [
+        p for p in passes if p.get("why") == "no cluster"]
+    measured = [p for p in passes if p.get("why") != "no cluster"]
+    for i, p in enumerate(measured):
+        bound = 0.75 if any(q["stability"][str(p["dropped"])] < 0.5 for q in measured[:i]) else 0.5
         assert p["stability"][str(p["dropped"])] < bound
     assert all(consolidation["stability"][str(o)] >= 0.5 for o in was)
+    assert all(o["stability"] >= 0.5 for o in added)
     # the test accuracy before it (for the report; no decision reads it): the round's own
     # verdict when consolidation kept the model, something else when its student replaced it
     before = consolidation["accuracy_before"]
@@ -230,7 +242,7 @@ def test_the_loop_runs_rounds_over_the_whole_stream_and_learns(finished):
         assert before == rounds[-1]["accuracy"]
     if consolidation["decision"] == "promoted":
         assert [o["id"] for o in consolidation["outputs"]] == sorted(discovered)
-        assert sorted(discovered) == list(range(5, 5 + len(was)))
+        assert sorted(discovered) == list(range(5, 5 + len(was) + len(added)))
     taught = sum(o["size"] for r in rounds if r["promotion"]["decision"] == "promoted"
                  and not r["promotion"]["why"].startswith("consolidation") for o in r.get("outputs", []))
     assert 0 < taught < sum(o["size"] for o in consolidation["outputs"])
