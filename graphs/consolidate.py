@@ -155,9 +155,12 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
         entry["stability"], entry["kept"] = stability, kept
         if passes:
             entry["reclustered"] = passes
-        if not kept:
+        if not kept and not added:
             entry["decision"] = f"every relabeled cluster dissolved (stability below {min_stability})"
             return None, entry, None
+    if not kept and not added:  # every output unmatched, and nothing stable to add
+        entry["decision"] = "no cluster matched a discovered output"
+        return None, entry, None
     new = result.labels >= n_old
     renumber = {o: n_old + j for j, o in enumerate(kept + added)}
     keep = confident(result, keep_fraction, first=n_old) & new
@@ -289,8 +292,10 @@ def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.
     ``{cluster: output}`` is empty when every output was dropped."""
     outputs, stability, passes, dissolved = sorted(outputs), {}, [], set()
     fresh_from, extra = max(outputs, default=n_old - 1) + 1, 0
+    result = None
     if k_new is not None:  # the number of clusters the candidates were estimated to hold
-        _, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, k_new - len(outputs), True)
+        result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, k_new - len(outputs),
+                                  shared_only=True)
         for o in [o for o in outputs if o not in output.values()]:
             outputs.remove(o)
             stability[o] = 0.0

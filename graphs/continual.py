@@ -297,8 +297,8 @@ class ContinualLoop:
         if consolidation_k not in ("outputs", "density"):
             raise ValueError(f"continual.consolidation_k must be 'outputs' or 'density', "
                              f"got {consolidation_k!r}")
-        if consolidation_k == "density" and (consolidation_added > 0
-                                             or not hasattr(labeler, "estimate")):
+        if consolidate and consolidation_k == "density" and (consolidation_added > 0
+                                                             or not hasattr(labeler, "estimate")):
             raise ValueError("continual.consolidation_k = 'density' estimates consolidation's clusters "
                              "with SemiSupervisedKMeans and adds an output for every stable group it finds: "
                              "use that labeler and continual.consolidation_added = 0, or "
