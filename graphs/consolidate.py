@@ -48,7 +48,7 @@ from torch import nn
 from components.acceptance import jaccard_stability, neighbour_spacing
 from components.cache import FeatureCache
 from components.data import ImageSet, concat_images, take_images
-from components.kmeans import confident
+from components.kmeans import KMeansResult, confident
 from components.metrics import cluster_truth
 from graphs.encode import encode
 from graphs.handlers import rank_zero
@@ -292,7 +292,7 @@ def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.
     ``{cluster: output}`` is empty when every output was dropped."""
     outputs, stability, passes, dissolved = sorted(outputs), {}, [], set()
     fresh_from, extra = max(outputs, default=n_old - 1) + 1, 0
-    result = None
+    result = clustered = None
     if k_new is not None:  # the number of clusters the candidates were estimated to hold
         result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, k_new - len(outputs),
                                   shared_only=True)
@@ -300,10 +300,12 @@ def stable_relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.
             outputs.remove(o)
             stability[o] = 0.0
             passes.append({"dropped": o, "why": "no cluster", "stability": {}})
-        extra = k_new - len(outputs)
+        extra, clustered = k_new - len(outputs), result  # the same k: the first pass matches it again
     geometry = labeler.geometry(x_u, x_l, y_l, n_old) if max_extra > 0 else None  # the same every pass
     while outputs:
-        result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, extra, k_new is not None)
+        result, output = _relabel(labeler, x_u, x_l, y_l, n_old, predicted, outputs, extra, k_new is not None,
+                                  clustered)
+        clustered = None
         if extra < max_extra and far_groups(result.labels, *geometry, y_l, n_old, territory,
                                             getattr(labeler, "min_cluster_size", 2)):
             extra += 1
@@ -348,14 +350,16 @@ def far_groups(labels: np.ndarray, g_u: np.ndarray, g_l: np.ndarray, y_l: np.nda
 
 
 def _relabel(labeler: Callable, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
-             predicted: np.ndarray, outputs: list[int], extra: int = 0, shared_only: bool = False):
+             predicted: np.ndarray, outputs: list[int], extra: int = 0, shared_only: bool = False,
+             clustered: KMeansResult | None = None):
     """Cluster ``x_u`` with one new cluster per output in ``outputs``, and ``extra`` more
     (anchored by the labeled classes; ``extra`` may be negative), and give each output the new
     cluster that holds most of the samples ``predicted`` as it (Hungarian; clusters or outputs
     left over stay unmatched, and with ``shared_only`` so does a pair that shares no sample).
-    Returns the clustering and ``{cluster: output}``."""
+    ``clustered``: that clustering, already made (only the matching is done again). Returns the
+    clustering and ``{cluster: output}``."""
     labeler.k_new = len(outputs) + extra
-    result = rank_zero(labeler, x_u, x_l, y_l, n_old)
+    result = clustered if clustered is not None else rank_zero(labeler, x_u, x_l, y_l, n_old)
     outputs_ = np.asarray(outputs)  # ascending (stable_relabel sorts them)
     ours = (result.labels >= n_old) & np.isin(predicted, outputs_)  # an output dropped counts for none
     counts = np.zeros((len(outputs) + extra, len(outputs)))
