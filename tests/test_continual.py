@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,44 @@ def test_consolidation_replays_offline_from_the_inputs_it_saved(finished):
     assert "### one cluster per output" in out
     missing = subprocess.run([sys.executable, script, str(ROOT)], capture_output=True, text=True)
     assert missing.returncode == 2 and "continual.consolidation_inputs = True" in missing.stderr
+
+
+def test_consolidation_bounds_report_the_runs_relabeling_and_every_pair(finished):
+    """``scripts/consolidation_bounds.py`` prints the run's own relabeling (the share the replay
+    prints too), the oracle lines, and one row per pair of relabeled clusters."""
+    script = str(ROOT / "scripts" / "consolidation_bounds.py")
+    out = subprocess.run([sys.executable, script, str(finished)], capture_output=True, text=True,
+                         check=True).stdout
+    replay = str(ROOT / "scripts" / "consolidation_replay.py")
+    replayed = subprocess.run([sys.executable, replay, str(finished)], capture_output=True, text=True,
+                              check=True).stdout
+    share = replayed.split("candidates' clustering accuracy ")[1].split(" %")[0]
+    assert f"| the run's relabeling | {share} % |" in out
+    assert "| the labeler, k = the true classes of 2 % of the candidates or more (" in out
+    assert "| 10 nearest candidates' vote |" in out
+    clusters = replayed.split("| labeled classes |")[0].count("\n| ") - 1  # the table's rows, less its header
+    pairs = [line for line in out.split("| pair |")[1].splitlines()[2:] if line.startswith("| ")]
+    assert len(pairs) == clusters * (clusters - 1) // 2
+    missing = subprocess.run([sys.executable, script, str(ROOT)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "continual.consolidation_inputs = True" in missing.stderr
+
+
+def test_g_means_statistic_tells_one_gaussian_cut_in_two_from_two_and_the_vote_reads_neighbours():
+    """The pair test of ``consolidation_bounds``: one Gaussian cut at its mean projects as one
+    Gaussian (A*² below G-means' critical values, about 1), two Gaussians six deviations apart do
+    not; the neighbour vote is 1 on separated blobs and about chance when the classes are mixed."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from consolidation_bounds import neighbour_vote, projected_anderson
+
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(400, 4))
+    halves = one[:, 0] < 0
+    assert projected_anderson(one[halves], one[~halves]) < 1.0
+    two = np.concatenate([rng.normal(size=(200, 4)), rng.normal(size=(200, 4)) + [6, 0, 0, 0]])
+    assert projected_anderson(two[:200], two[200:]) > 10
+    truth = np.repeat([0, 1], 200)
+    assert neighbour_vote(two + [0, 0, 0, 20], truth) == 1.0  # cosine: the blobs kept off the origin
+    assert neighbour_vote(one, rng.permutation(np.repeat([0, 1], 200))) < 0.65
 
 
 def test_the_verdicts_table_lists_every_judged_cluster_and_the_nearest_pairs(finished):
