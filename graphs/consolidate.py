@@ -182,18 +182,23 @@ def consolidate(model: nn.Module, teacher: nn.Module, labeled: ImageSet, stream:
     return learner, entry, engine
 
 
-def estimate_k(labeler, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int) -> int:
+@gin.configurable(allowlist=["min_cluster_share"])
+def estimate_k(labeler, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old: int,
+               min_cluster_share: float | None = None) -> int:
     """How many groups the candidates ``x_u`` hold: HDBSCAN with excess-of-mass selection
     (``SemiSupervisedKMeans(estimate="density", density_selection="eom")``, the labeler's other
     settings kept), at least 1. A round's pool is small and its new classes are a few dozen
     samples, where leaf selection finds them; the candidates are everything the model gives its
     discovered outputs, where leaf selection cuts a class into its leaves and excess of mass keeps
-    the groups that persist (docs/loop.md, "Consolidation's k")."""
+    the groups that persist (docs/loop.md, "Consolidation's k"). ``min_cluster_share``: the
+    smallest group as a share of the candidates, in place of the labeler's (None: the labeler's)."""
     if not hasattr(labeler, "estimate"):
         raise ValueError(f"consolidation's k by density needs SemiSupervisedKMeans, not "
                          f"{type(labeler).__name__}: set continual.consolidation_k = 'outputs'")
     estimator = copy.copy(labeler)
     estimator.k_new, estimator.estimate, estimator.density_selection = None, "density", "eom"
+    if min_cluster_share is not None:
+        estimator.min_cluster_share = min_cluster_share
     return max(1, int(rank_zero(estimator, x_u, x_l, y_l, n_old).k_estimate))
 
 

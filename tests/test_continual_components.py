@@ -467,6 +467,23 @@ def test_consolidation_with_k_estimated_drops_a_duplicate_output_and_adds_a_grou
     assert {len(set(y_new[result.labels == c])) for c in output} == {1}
 
 
+def test_consolidation_k_with_a_larger_group_floor_counts_a_class_written_two_ways_once():
+    """``estimate_k(min_cluster_share=…)`` replaces the labeler's floor for the estimate alone: a
+    class in two lumps of 30 of the 180 candidates (17 % each) is two groups at the labeler's 5 %
+    and one when a group must hold 20 % (36 samples); the labeler is left as it was."""
+    from graphs.consolidate import estimate_k
+
+    x_l, y_l, x_new, y_new = _anchored_blobs(n_new=3)  # three new classes, 60 samples each
+    third = np.flatnonzero(y_new == y_new.max())
+    x_new[third[:30], 0] += 3.0
+    x_new[third[30:], 0] -= 3.0
+    labeler = SemiSupervisedKMeans(k_new=None, estimate="density", density_selection="leaf", normalize=False,
+                                   min_cluster_size=10, n_init=2, seed=0)
+    assert estimate_k(labeler, x_new, x_l, y_l, 3) == 4
+    assert estimate_k(labeler, x_new, x_l, y_l, 3, min_cluster_share=0.2) == 3
+    assert labeler.min_cluster_share == 0.05 and labeler.density_selection == "leaf"
+
+
 def test_consolidation_inputs_saved_and_loaded_repeat_the_relabeling(tmp_path):
     """What consolidation clusters is written with its labeler's settings; loaded again (the
     labeler built anew from them) it gives the same clusters, stabilities and dropped outputs.
