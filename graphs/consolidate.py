@@ -198,6 +198,9 @@ def estimate_k(labeler, x_u: np.ndarray, x_l: np.ndarray, y_l: np.ndarray, n_old
     estimator = copy.copy(labeler)
     estimator.k_new, estimator.estimate, estimator.density_selection = None, "density", "eom"
     if min_cluster_share is not None:
+        if not 0 <= min_cluster_share < 1:
+            raise ValueError(f"estimate_k.min_cluster_share is a share of the candidates in [0, 1), got "
+                             f"{min_cluster_share}: bind e.g. 0.05, or None for the labeler's")
         estimator.min_cluster_share = min_cluster_share
     return max(1, int(rank_zero(estimator, x_u, x_l, y_l, n_old).k_estimate))
 

@@ -177,11 +177,11 @@ def test_consolidation_bounds_report_the_runs_relabeling_and_every_pair(finished
     assert missing.returncode == 2 and "continual.consolidation_inputs = True" in missing.stderr
 
 
-def test_g_means_statistic_tells_one_gaussian_cut_in_two_from_two_and_the_vote_reads_neighbours():
+def test_g_means_statistic_tells_one_gaussian_cut_in_two_from_two_and_the_vote_reads_neighbours(monkeypatch):
     """The pair test of ``consolidation_bounds``: one Gaussian cut at its mean projects as one
     Gaussian (A*² below G-means' critical values, about 1), two Gaussians six deviations apart do
     not; the neighbour vote is 1 on separated blobs and about chance when the classes are mixed."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     from consolidation_bounds import neighbour_vote, projected_anderson
 
     rng = np.random.default_rng(0)

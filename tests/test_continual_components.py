@@ -482,6 +482,8 @@ def test_consolidation_k_with_a_larger_group_floor_counts_a_class_written_two_wa
     assert estimate_k(labeler, x_new, x_l, y_l, 3) == 4
     assert estimate_k(labeler, x_new, x_l, y_l, 3, min_cluster_share=0.2) == 3
     assert labeler.min_cluster_share == 0.05 and labeler.density_selection == "leaf"
+    with pytest.raises(ValueError, match=r"min_cluster_share is a share of the candidates in \[0, 1\)"):
+        estimate_k(labeler, x_new, x_l, y_l, 3, min_cluster_share=1.5)
 
 
 def test_consolidation_inputs_saved_and_loaded_repeat_the_relabeling(tmp_path):
