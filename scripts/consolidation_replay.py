@@ -1,6 +1,7 @@
 """Replay a continual run's consolidation offline, under other settings, in seconds.
 
-``python scripts/consolidation_replay.py RUN [--min-stability S ...] [--k K ...] [--k-from density]``
+``python scripts/consolidation_replay.py RUN [--min-stability S ...] [--k K ...] [--k-from density]
+[--k-floor F ...]``
 
 RUN is a continual run made with ``--gin-bindings "continual.consolidation_inputs = True"``,
 which writes what consolidation clusters to ``RUN/loop/consolidation_inputs.npz``
@@ -11,7 +12,8 @@ output and clusters again, :func:`graphs.consolidate.stable_relabel`), each ``--
 clustering with k new clusters, no stability test) and, with ``--k-from density``, the run's
 settings with k estimated on the candidates (``continual.consolidation_k = 'density'``,
 :func:`graphs.consolidate.estimate_k`), or with one cluster per output when the run
-estimated it. For each it prints the candidates'
+estimated it; each ``--k-floor`` the run's settings with k estimated by density whose smallest
+group is that share of the candidates (``estimate_k.min_cluster_share``). For each it prints the candidates'
 clustering accuracy (Hungarian; distractors count as a class of their own) and every new
 cluster: the output it was given, its size, majority true class, purity and stability. The true
 classes are read for this report only; a Fashion-MNIST run's consolidation replays in about ten
@@ -79,6 +81,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--k", type=int, nargs="*", default=[])
     parser.add_argument("--k-from", choices=["density"], default=None,
                         help="also replay with the other choice of consolidation's k")
+    parser.add_argument("--k-floor", type=float, nargs="*", default=[],
+                        help="k estimated by density with this smallest group (a share of the candidates)")
     args = parser.parse_args(argv)
     try:
         d = load_inputs(args.run / "loop" / "consolidation_inputs.npz")
@@ -104,6 +108,11 @@ def main(argv: list[str]) -> int:
             labels, output, stability, dropped = replay(d, k_new=k)
             title = f"k from density: {k}"
         print("\n".join(table(title, d, labels, output, stability, dropped)))
+    for floor in args.k_floor:
+        k = estimate_k(d["labeler"], d["x_u"], d["x_l"], d["y_l"], d["n_old"], min_cluster_share=floor)
+        labels, output, stability, dropped = replay(d, k_new=k)
+        print("\n".join(table(f"k from density, smallest group {floor:g}: {k}", d, labels, output, stability,
+                              dropped)))
     for line in args.min_stability:
         labels, output, stability, dropped = replay(d, min_stability=line)
         print("\n".join(table(f"min_stability = {line}", d, labels, output, stability, dropped)))

@@ -142,7 +142,8 @@ def test_consolidation_replays_offline_from_the_inputs_it_saved(finished):
     consolidation = _strict_json(finished / "metrics.json")["rounds"][-1]["consolidation"]
     script = str(ROOT / "scripts" / "consolidation_replay.py")
     out = subprocess.run([sys.executable, script, str(finished), "--min-stability", "0.99", "--k", "1",
-                          "--k-from", "density"], capture_output=True, text=True, check=True).stdout
+                          "--k-from", "density", "--k-floor", "0.99"], capture_output=True, text=True,
+                         check=True).stdout
     assert "the run's own settings give its relabeling again: yes" in out
     runs_own = out.split("### min_stability")[0]
     assert f"{len(consolidation['kept']) + len(consolidation.get('added', []))} outputs kept" in runs_own
@@ -153,6 +154,8 @@ def test_consolidation_replays_offline_from_the_inputs_it_saved(finished):
     assert consolidation["k_estimate"] >= 1  # the default estimates consolidation's k
     # the other way, one cluster per output, is the one replayed
     assert "### one cluster per output" in out
+    # a floor of 99 % of the candidates leaves room for one group at most (k is at least 1)
+    assert "### k from density, smallest group 0.99: 1" in out
     missing = subprocess.run([sys.executable, script, str(ROOT)], capture_output=True, text=True)
     assert missing.returncode == 2 and "continual.consolidation_inputs = True" in missing.stderr
 
