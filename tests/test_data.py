@@ -438,6 +438,42 @@ def test_fashion_mnist_is_unpacked_from_the_debian_package(tmp_dir, monkeypatch)
     assert not list((tmp_dir / "root" / "FashionMNIST" / "raw").glob("*.tmp"))
 
 
+def test_fashion_mnist_unpacks_while_another_run_unpacks_it_too(tmp_dir, monkeypatch):
+    """Two runs started together (a suite's jobs side by side) unpack the same files at once:
+    here a second unpack runs to its end while the first is half-way through a file. Both end
+    with whole files and no temporary left (a shared temporary name made the first one's rename
+    fail: "No such file or directory: '.train-images-idx3-ubyte.tmp'")."""
+    import shutil
+
+    debian = tmp_dir / "debian"
+    debian.mkdir()
+    rng = np.random.default_rng(2)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": np.array([4, 0, 7]),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (1, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": np.array([8])}
+    for stem, array in arrays.items():
+        _write_idx(tmp_dir / stem, array)
+        (debian / f"{stem}.gz").write_bytes(gzip.compress((tmp_dir / stem).read_bytes()))
+    root = tmp_dir / "root"
+    copy, calls = shutil.copyfileobj, []
+
+    def interrupted_copy(src, dst, *args):
+        dst.write(src.read(100))  # half-way through the first file, the other run does it all
+        if not calls:
+            calls.append(1)
+            monkeypatch.setattr(shutil, "copyfileobj", copy)
+            sources.fashion_mnist_from_debian(str(root), str(debian))
+        copy(src, dst, *args)
+
+    monkeypatch.setattr(shutil, "copyfileobj", interrupted_copy)
+    raw = sources.fashion_mnist_from_debian(str(root), str(debian))
+    assert calls  # the second unpack did run in the middle of the first
+    for stem in arrays:
+        assert (raw / stem).read_bytes() == (tmp_dir / stem).read_bytes()
+    assert sorted(p.name for p in raw.iterdir()) == sorted(arrays)
+
+
 def test_torchvision_unknown_name_raises():
     with pytest.raises(ValueError, match="NoSuchSet"):
         torchvision_dataset("NoSuchSet", root="unused")

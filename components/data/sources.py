@@ -248,9 +248,14 @@ DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def fashion_mnist_from_debian(root: str = "data", source: str = DEBIAN_FASHION_MNIST) -> Path:
-    """Un-gzip Debian's ``dataset-fashion-mnist`` files into torchvision's layout under root."""
+    """Un-gzip Debian's ``dataset-fashion-mnist`` files into torchvision's layout under root.
+
+    Each file is written under a name of its own and renamed into place, so that runs started
+    together (a suite's jobs side by side) can unpack at once: each rename puts a whole file
+    there, and none takes another's half-written one."""
     import gzip
     import shutil
+    import tempfile
 
     raw = Path(root) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -263,9 +268,14 @@ def fashion_mnist_from_debian(root: str = "data", source: str = DEBIAN_FASHION_M
                 f"{gz} is missing: install it with `apt-get install dataset-fashion-mnist`"
             )
         if not (raw / stem).exists():
-            tmp = raw / f".{stem}.tmp"
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            with tempfile.NamedTemporaryFile(dir=raw, prefix=f".{stem}.", suffix=".tmp", delete=False) as dst:
+                tmp = Path(dst.name)
+                try:
+                    with gzip.open(gz, "rb") as src:
+                        shutil.copyfileobj(src, dst)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
             tmp.replace(raw / stem)
     return raw
 
